@@ -1,0 +1,16 @@
+// dynup — dynamic upstreams without reloads. The umbrella header: includes every
+// public header. Include single headers instead to keep compile times down.
+#pragma once
+
+#include <dynup/version.hpp>
+#include <dynup/result.hpp>
+#include <dynup/peer.hpp>
+#include <dynup/peer_set.hpp>
+#include <dynup/peer_json.hpp>
+#include <dynup/publisher.hpp>
+#include <dynup/snapshot_file.hpp>
+#include <dynup/source/spec.hpp>
+#include <dynup/source/file.hpp>
+#include <dynup/watch/status.hpp>
+#include <dynup/watch/guard.hpp>
+#include <dynup/watch/file_watcher.hpp>

@@ -1,0 +1,216 @@
+// PeerSet: an immutable, validated, sorted set of peers with a content hash.
+#pragma once
+
+#include <dynup/detail/hash.hpp>
+#include <dynup/peer.hpp>
+#include <dynup/result.hpp>
+#include <dynup/version.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#ifndef DYNUP_MAX_REPORTED_ERRORS
+// A file with 1 000 bad lines should not produce a 1 000-line error message.
+#define DYNUP_MAX_REPORTED_ERRORS 10
+#endif
+
+DYNUP_NAMESPACE_BEGIN
+
+class Publisher;
+
+namespace detail {
+/// Why an id is unacceptable, or nullptr. Control characters would let a registry
+/// entry forge log lines.
+inline const char* bad_id(const std::string& id) noexcept {
+  if (id.empty()) return "id is empty";
+  if (id.size() > 256) return "id is longer than 256 bytes";
+  for (unsigned char c : id)
+    if (c < 0x20 || c == 0x7f) return "id contains a control character";
+  return nullptr;
+}
+} // namespace detail
+
+/// Peers added, removed and changed between two sets, each list sorted by id.
+struct PeerDiff {
+  std::vector<Peer> added;
+  std::vector<Peer> removed;
+  std::vector<std::pair<Peer, Peer>> changed; ///< (before, after), same id
+  bool empty() const noexcept { return added.empty() && removed.empty() && changed.empty(); }
+};
+
+/// An immutable set of peers, sorted by id and validated.
+///
+/// Thread-safety: immutable after construction, so any number of threads may read one
+/// concurrently. `version()` is 0 until a Publisher publishes the set, then it is the
+/// publisher's monotonic version. `source_index()` is the registry's index (Consul
+/// X-Consul-Index, etcd revision, file load count). `content_hash()` covers the peers
+/// only, canonicalized, so it does not depend on input order.
+class PeerSet {
+public:
+  /// An empty set (version 0, index 0).
+  PeerSet() { hash_ = compute_hash(peers_); }
+
+  /// Validates and canonicalizes `peers`, then sorts them by id. O(n log n).
+  /// Each peer: host canonical (IPv4/IPv6/DNS), port 1..65535, weight 1..max_weight,
+  /// id defaulting to host:port, no duplicate ids, tags sorted and de-duplicated.
+  /// On failure, the error names each bad peer by position and id (first
+  /// DYNUP_MAX_REPORTED_ERRORS of them) and nothing is returned.
+  static Result<PeerSet> make(std::vector<Peer> peers, std::uint64_t source_index = 0) {
+    std::vector<std::string> errors;
+    std::size_t error_count = 0;
+    auto fail = [&](std::size_t pos, const Peer& p, const std::string& what) {
+      if (errors.size() < DYNUP_MAX_REPORTED_ERRORS) {
+        std::string name = p.id.empty() ? host_port(p.host, p.port) : p.id;
+        errors.push_back("peers[" + std::to_string(pos) + "] \"" + name + "\": " + what);
+      }
+      ++error_count;
+    };
+    std::vector<std::size_t> position(peers.size());
+    for (std::size_t i = 0; i < peers.size(); ++i) {
+      Peer& p = peers[i];
+      position[i] = i;
+      bool bad = false;
+      auto host = canonical_host(p.host);
+      if (!host) {
+        fail(i, p, host.error().message());
+        bad = true;
+      } else {
+        p.host = std::move(host).value();
+      }
+      if (p.port == 0) {
+        fail(i, p, "port 0 is out of range 1..65535");
+        bad = true;
+      }
+      if (p.weight < 1 || p.weight > max_weight) {
+        fail(i, p, "weight " + std::to_string(p.weight) + " is out of range 1.." +
+                       std::to_string(max_weight));
+        bad = true;
+      }
+      if (p.id.empty() && !bad) p.id = host_port(p.host, p.port);
+      if (auto why = detail::bad_id(p.id); why && !bad) {
+        fail(i, p, why);
+        bad = true;
+      }
+      std::sort(p.tags.begin(), p.tags.end());
+      p.tags.erase(std::unique(p.tags.begin(), p.tags.end()), p.tags.end());
+    }
+    if (error_count == 0) {
+      std::vector<std::size_t> order(peers.size());
+      for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+      std::sort(order.begin(), order.end(),
+                [&](std::size_t a, std::size_t b) { return peers[a].id < peers[b].id; });
+      for (std::size_t k = 1; k < order.size(); ++k) {
+        const Peer& prev = peers[order[k - 1]];
+        const Peer& cur = peers[order[k]];
+        if (prev.id == cur.id) {
+          auto first = std::min(position[order[k - 1]], position[order[k]]);
+          auto second = std::max(position[order[k - 1]], position[order[k]]);
+          fail(second, cur, "duplicate id (also peers[" + std::to_string(first) + "])");
+        }
+      }
+      if (error_count == 0) {
+        std::vector<Peer> sorted;
+        sorted.reserve(peers.size());
+        for (std::size_t i : order) sorted.push_back(std::move(peers[i]));
+        return PeerSet(std::move(sorted), source_index);
+      }
+    }
+    std::string msg = std::to_string(error_count) + (error_count == 1 ? " invalid peer: " : " invalid peers: ");
+    for (std::size_t i = 0; i < errors.size(); ++i) msg += (i ? "; " : "") + errors[i];
+    if (error_count > errors.size())
+      msg += "; and " + std::to_string(error_count - errors.size()) + " more";
+    return Error(Errc::invalid_peer, msg);
+  }
+
+  const std::vector<Peer>& peers() const noexcept { return peers_; }
+  std::size_t size() const noexcept { return peers_.size(); }
+  bool empty() const noexcept { return peers_.empty(); }
+  auto begin() const noexcept { return peers_.begin(); }
+  auto end() const noexcept { return peers_.end(); }
+  const Peer& operator[](std::size_t i) const noexcept { return peers_[i]; }
+
+  std::uint64_t version() const noexcept { return version_; }
+  std::uint64_t source_index() const noexcept { return source_index_; }
+  std::uint64_t content_hash() const noexcept { return hash_; }
+
+  /// The peer with this id, or nullptr. O(log n), no allocation.
+  const Peer* find(std::string_view id) const noexcept {
+    auto it = std::lower_bound(peers_.begin(), peers_.end(), id,
+                               [](const Peer& p, std::string_view k) { return p.id < k; });
+    return (it != peers_.end() && it->id == id) ? &*it : nullptr;
+  }
+
+  /// Same peers (version and source index are not content).
+  bool same_content(const PeerSet& other) const noexcept {
+    return hash_ == other.hash_ && peers_ == other.peers_;
+  }
+
+  /// The same peers with another source index and version 0; not revalidated.
+  PeerSet with_source_index(std::uint64_t index) const& {
+    PeerSet copy = *this;
+    return std::move(copy).with_source_index(index);
+  }
+  PeerSet with_source_index(std::uint64_t index) && {
+    source_index_ = index;
+    version_ = 0;
+    return std::move(*this);
+  }
+
+private:
+  friend class Publisher;
+
+  PeerSet(std::vector<Peer> sorted, std::uint64_t source_index)
+      : peers_(std::move(sorted)), source_index_(source_index), hash_(compute_hash(peers_)) {}
+
+  static std::uint64_t compute_hash(const std::vector<Peer>& peers) noexcept {
+    detail::Fnv1a64 h;
+    h.u64(peers.size());
+    for (const Peer& p : peers) {
+      h.str(p.id);
+      h.str(p.host);
+      h.u64(p.port);
+      h.u64(p.weight);
+      h.u64(p.backup);
+      h.str(p.zone);
+      h.u64(p.tags.size());
+      for (const auto& t : p.tags) h.str(t);
+      h.u64(p.meta.size());
+      for (const auto& [k, v] : p.meta) {
+        h.str(k);
+        h.str(v);
+      }
+      h.u64(static_cast<std::uint64_t>(p.health));
+    }
+    return h.value();
+  }
+
+  std::vector<Peer> peers_;
+  std::uint64_t version_ = 0;
+  std::uint64_t source_index_ = 0;
+  std::uint64_t hash_ = 0;
+};
+
+
+/// What changed from `before` to `after`, matched by id. O(n + m).
+inline PeerDiff diff(const PeerSet& before, const PeerSet& after) {
+  PeerDiff d;
+  auto a = before.begin(), ae = before.end();
+  auto b = after.begin(), be = after.end();
+  while (a != ae || b != be) {
+    if (b == be || (a != ae && a->id < b->id)) {
+      d.removed.push_back(*a++);
+    } else if (a == ae || b->id < a->id) {
+      d.added.push_back(*b++);
+    } else {
+      if (*a != *b) d.changed.emplace_back(*a, *b);
+      ++a;
+      ++b;
+    }
+  }
+  return d;
+}
+
+DYNUP_NAMESPACE_END

@@ -1,0 +1,42 @@
+// Guards: updates a watcher refuses to publish, so a registry fault cannot empty an upstream.
+#pragma once
+
+#include <dynup/peer_set.hpp>
+#include <dynup/result.hpp>
+#include <dynup/version.hpp>
+
+#include <cstddef>
+#include <string>
+
+DYNUP_NAMESPACE_BEGIN
+
+/// Per-upstream limits on what one update may do. Defaults refuse only an empty set.
+struct Guards {
+  bool allow_empty = false;         ///< publish a set with no peers
+  double max_removed_share = 1.0;   ///< refuse an update removing more than this share (0..1]
+  std::size_t min_peers = 0;        ///< refuse a set with fewer peers (0: no minimum)
+};
+
+/// Checks `next` against the guards, given the set now served (`current`, which is
+/// empty before the first publish). Returns Errc::rejected with the reason. O(n + m).
+inline Result<void> check_guards(const Guards& g, const PeerSet& current, const PeerSet& next) {
+  if (next.empty() && !g.allow_empty)
+    return Error(Errc::rejected, "refusing an empty peer set (allow_empty is off); keeping the " +
+                                     std::to_string(current.size()) + " current peers");
+  if (g.min_peers > 0 && next.size() < g.min_peers)
+    return Error(Errc::rejected, "refusing a set of " + std::to_string(next.size()) +
+                                     " peers, fewer than min_peers " + std::to_string(g.min_peers));
+  if (g.max_removed_share < 1.0 && !current.empty()) {
+    std::size_t removed = 0;
+    for (const Peer& p : current)
+      if (!next.find(p.id)) ++removed;
+    double share = static_cast<double>(removed) / static_cast<double>(current.size());
+    if (share > g.max_removed_share)
+      return Error(Errc::rejected, "refusing an update that removes " + std::to_string(removed) + " of " +
+                                       std::to_string(current.size()) + " peers (max_removed_share " +
+                                       std::to_string(g.max_removed_share) + ")");
+  }
+  return {};
+}
+
+DYNUP_NAMESPACE_END
