@@ -26,7 +26,7 @@ if(PC_HTTPLIB_FOUND)
   add_library(httplib::httplib INTERFACE IMPORTED GLOBAL)
   target_link_libraries(httplib::httplib INTERFACE PkgConfig::PC_HTTPLIB)
   set(httplib_VERSION ${PC_HTTPLIB_VERSION})
-  find_package_handle_standard_args(httplib REQUIRED_VARS PC_HTTPLIB_FOUND VERSION_VAR httplib_VERSION)
+  find_package_handle_standard_args(httplib REQUIRED_VARS PC_HTTPLIB_LINK_LIBRARIES VERSION_VAR httplib_VERSION)
 else()
   # A plain single-header copy on the include path: header-only use.
   find_path(HTTPLIB_INCLUDE_DIR httplib.h)

@@ -31,7 +31,28 @@ if(DYNUP_INSTALL)
     "${PROJECT_SOURCE_DIR}/cmake/Findhttplib.cmake"
     DESTINATION "${DYNUP_CMAKE_DIR}")
 
+  # pkg-config, header-only so in share/. The prefix is found from the .pc file's own
+  # directory, so the install can be moved (vcpkg installs into one tree, then copies).
+  set(_dynup_pc_dir "${CMAKE_INSTALL_DATADIR}/pkgconfig")
+  if(IS_ABSOLUTE "${_dynup_pc_dir}")
+    set(DYNUP_PC_PREFIX "${CMAKE_INSTALL_PREFIX}")
+  else()
+    file(RELATIVE_PATH _dynup_pc_up "/${_dynup_pc_dir}" "/")
+    string(REGEX REPLACE "/$" "" _dynup_pc_up "${_dynup_pc_up}")
+    set(DYNUP_PC_PREFIX "\${pcfiledir}/${_dynup_pc_up}")
+  endif()
+  if(IS_ABSOLUTE "${CMAKE_INSTALL_INCLUDEDIR}")
+    set(DYNUP_PC_INCLUDEDIR "${CMAKE_INSTALL_INCLUDEDIR}")
+  else()
+    set(DYNUP_PC_INCLUDEDIR "\${prefix}/${CMAKE_INSTALL_INCLUDEDIR}")
+  endif()
+  # Only Debian-style cpp-httplib (found through pkg-config) has a .pc file to require;
+  # a CMake-package httplib (upstream, vcpkg) is header-only and needs no flags.
+  set(DYNUP_PC_REQUIRES "nlohmann_json >= 3.9")
+  if(TARGET PkgConfig::PC_HTTPLIB)
+    string(APPEND DYNUP_PC_REQUIRES " cpp-httplib")
+  endif()
   configure_file("${PROJECT_SOURCE_DIR}/cmake/dynup.pc.in" "${PROJECT_BINARY_DIR}/dynup.pc" @ONLY)
-  install(FILES "${PROJECT_BINARY_DIR}/dynup.pc" DESTINATION "${CMAKE_INSTALL_DATADIR}/pkgconfig")
-  install(FILES "${PROJECT_SOURCE_DIR}/LICENSE" DESTINATION "${CMAKE_INSTALL_DATADIR}/doc/dynup")
+  install(FILES "${PROJECT_BINARY_DIR}/dynup.pc" DESTINATION "${_dynup_pc_dir}")
+  install(FILES "${PROJECT_SOURCE_DIR}/LICENSE" DESTINATION "${CMAKE_INSTALL_DOCDIR}")
 endif()

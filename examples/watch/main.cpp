@@ -73,15 +73,16 @@ Options parse_args(int argc, char** argv) {
     } else if (a == "--allow-empty") {
       o.guards.allow_empty = true;
     } else if (a == "--poll-ms") {
-      if (!parse_number(next("--poll-ms"), v) || v < 10 || v > 3600000 || v != static_cast<long>(v))
+      // Range first, written so NaN fails it, then the cast is defined.
+      if (!parse_number(next("--poll-ms"), v) || !(v >= 10 && v <= 3600000) || v != static_cast<long>(v))
         die_usage("--poll-ms must be an integer 10..3600000");
       o.poll_ms = static_cast<long>(v);
     } else if (a == "--min-peers") {
-      if (!parse_number(next("--min-peers"), v) || v < 0 || v != static_cast<long>(v))
+      if (!parse_number(next("--min-peers"), v) || !(v >= 0 && v <= 1e9) || v != static_cast<long>(v))
         die_usage("--min-peers must be a non-negative integer");
       o.guards.min_peers = static_cast<std::size_t>(v);
     } else if (a == "--max-removed") {
-      if (!parse_number(next("--max-removed"), v) || v <= 0 || v > 1)
+      if (!parse_number(next("--max-removed"), v) || !(v > 0 && v <= 1))
         die_usage("--max-removed must be a share in (0, 1]");
       o.guards.max_removed_share = v;
     } else if (!a.empty() && a[0] == '-') {

@@ -6,6 +6,7 @@
 
 #include <arpa/inet.h>
 
+#include <charconv>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -74,8 +75,8 @@ namespace detail {
 inline bool is_dns_name(std::string_view s) {
   // RFC 1123 host names; '_' is accepted because registries (Consul node names,
   // SRV-style labels) use it in practice.
+  if (!s.empty() && s.back() == '.') s.remove_suffix(1); // fully qualified form
   if (s.empty() || s.size() > 253) return false;
-  if (s.back() == '.') s.remove_suffix(1); // fully qualified form
   std::size_t label = 0;
   char prev = '.';
   for (char c : s) {
@@ -102,16 +103,22 @@ inline Result<std::string> canonical_host(std::string_view host) {
   if (h.size() >= 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
   unsigned char buf[16];
   char out[INET6_ADDRSTRLEN];
-  if (inet_pton(AF_INET, h.c_str(), buf) == 1) {
-    inet_ntop(AF_INET, buf, out, sizeof out);
-    return std::string(out);
-  }
+  // glibc's inet_pton accepts only canonical dotted quads (no leading zeros, no
+  // octal or hex parts), so accepted IPv4 text needs no reformatting.
+  if (inet_pton(AF_INET, h.c_str(), buf) == 1) return h;
   if (h.find(':') != std::string::npos) {
     if (inet_pton(AF_INET6, h.c_str(), buf) != 1)
       return Error(Errc::invalid_peer, "host \"" + std::string(host) + "\" is not a valid IPv6 address");
     inet_ntop(AF_INET6, buf, out, sizeof out);
     return std::string(out);
   }
+  // Resolvers read "0x7f.1" or "0177.0.0.1" as IPv4 (inet_aton); as a "name" it would
+  // reach an address nobody wrote and dodge duplicate detection.
+  std::string unqualified = !h.empty() && h.back() == '.' ? h.substr(0, h.size() - 1) : h;
+  in_addr legacy{};
+  if (inet_aton(unqualified.c_str(), &legacy) != 0)
+    return Error(Errc::invalid_peer, "host \"" + std::string(host) +
+                                         "\" is an IPv4 address in a non-standard form (write a.b.c.d)");
   bool all_digits_and_dots = h.find_first_not_of("0123456789.") == std::string::npos;
   if (all_digits_and_dots || !detail::is_dns_name(h))
     return Error(Errc::invalid_peer, "host \"" + std::string(host) +
@@ -139,8 +146,10 @@ inline std::string host_port(std::string_view host, std::uint16_t port) {
   if (v6) s += '[';
   s += host;
   if (v6) s += ']';
+  char digits[8];
+  auto end = std::to_chars(digits, digits + sizeof digits, port).ptr;
   s += ':';
-  s += std::to_string(port);
+  s.append(digits, end);
   return s;
 }
 

@@ -41,7 +41,10 @@ inline nlohmann::ordered_json peer_set_to_json(const PeerSet& set) {
 }
 
 /// The set as one line of JSON (no trailing newline).
-inline std::string to_json(const PeerSet& set) { return peer_set_to_json(set).dump(); }
+/// Bytes that are not UTF-8 (a Peer may hold any bytes) become U+FFFD instead of throwing.
+inline std::string to_json(const PeerSet& set) {
+  return peer_set_to_json(set).dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
+}
 
 namespace detail {
 
@@ -171,15 +174,20 @@ inline Result<PeerSet> peer_set_from_json(const nlohmann::json& doc) {
     for (auto it = doc.begin(); it != doc.end(); ++it)
       if (it.key() != "peers" && it.key() != "index" && it.key() != "version")
         errors.push_back(it.key() + ": unknown key (expected peers, index, version)");
-    auto p = doc.find("peers");
-    if (p == doc.end()) return Error(Errc::parse_error, "peers: is required");
-    list = &*p;
-    if (auto i = doc.find("index"); i != doc.end()) {
+    for (const char* key : {"index", "version"}) {
+      auto i = doc.find(key);
+      if (i == doc.end()) continue;
       if (!i->is_number_unsigned())
-        errors.push_back("index: expected a non-negative integer, got " + i->dump());
-      else
+        errors.push_back(std::string(key) + ": expected a non-negative integer, got " + i->dump());
+      else if (key[0] == 'i')
         index = i->get<std::uint64_t>();
     }
+    auto p = doc.find("peers");
+    if (p == doc.end()) {
+      errors.push_back("peers: is required");
+      return detail::joined_error(Errc::parse_error, errors);
+    }
+    list = &*p;
   }
   if (!list->is_array())
     return Error(Errc::parse_error, std::string(doc.is_object() ? "peers: " : "") +
@@ -196,7 +204,7 @@ inline Result<PeerSet> parse_peer_set(std::string_view text) {
   nlohmann::json doc;
   try {
     doc = nlohmann::json::parse(text.begin(), text.end());
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) { // parse_error, or out_of_range for 1e999
     if (text.find_first_not_of(" \t\r\n") == std::string_view::npos)
       return Error(Errc::parse_error, "document is empty");
     std::string what = e.what(); // "[json.exception.parse_error.101] parse error at …"

@@ -68,10 +68,8 @@ public:
       }
       ++error_count;
     };
-    std::vector<std::size_t> position(peers.size());
     for (std::size_t i = 0; i < peers.size(); ++i) {
       Peer& p = peers[i];
-      position[i] = i;
       bool bad = false;
       auto host = canonical_host(p.host);
       if (!host) {
@@ -98,16 +96,34 @@ public:
       p.tags.erase(std::unique(p.tags.begin(), p.tags.end()), p.tags.end());
     }
     if (error_count == 0) {
+      // Sort (first 8 id bytes as a big-endian integer, position) keys: most
+      // comparisons end on the integer without touching the scattered id strings.
+      struct Key {
+        std::uint64_t prefix;
+        std::size_t pos;
+      };
+      std::vector<Key> keys(peers.size());
+      for (std::size_t i = 0; i < peers.size(); ++i) {
+        std::uint64_t prefix = 0;
+        const std::string& id = peers[i].id;
+        for (std::size_t b = 0; b < 8; ++b)
+          prefix = (prefix << 8) | (b < id.size() ? static_cast<unsigned char>(id[b]) : 0u);
+        keys[i] = {prefix, i};
+      }
+      std::sort(keys.begin(), keys.end(), [&](const Key& a, const Key& b) {
+        if (a.prefix != b.prefix) return a.prefix < b.prefix;
+        int c = peers[a.pos].id.compare(peers[b.pos].id);
+        return c != 0 ? c < 0 : a.pos < b.pos; // equal ids stay in input order for the error
+
+      });
       std::vector<std::size_t> order(peers.size());
-      for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
-      std::sort(order.begin(), order.end(),
-                [&](std::size_t a, std::size_t b) { return peers[a].id < peers[b].id; });
+      for (std::size_t i = 0; i < order.size(); ++i) order[i] = keys[i].pos;
       for (std::size_t k = 1; k < order.size(); ++k) {
         const Peer& prev = peers[order[k - 1]];
         const Peer& cur = peers[order[k]];
         if (prev.id == cur.id) {
-          auto first = std::min(position[order[k - 1]], position[order[k]]);
-          auto second = std::max(position[order[k - 1]], position[order[k]]);
+          auto first = std::min(order[k - 1], order[k]);
+          auto second = std::max(order[k - 1], order[k]);
           fail(second, cur, "duplicate id (also peers[" + std::to_string(first) + "])");
         }
       }
@@ -166,7 +182,7 @@ private:
       : peers_(std::move(sorted)), source_index_(source_index), hash_(compute_hash(peers_)) {}
 
   static std::uint64_t compute_hash(const std::vector<Peer>& peers) noexcept {
-    detail::Fnv1a64 h;
+    detail::ContentHash h;
     h.u64(peers.size());
     for (const Peer& p : peers) {
       h.str(p.id);

@@ -46,12 +46,13 @@ namespace detail {
 
 inline std::string rfc3339_ms(std::chrono::system_clock::time_point t) {
   auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(t.time_since_epoch()).count();
-  std::time_t secs = static_cast<std::time_t>(ms / 1000);
+  auto millis = ((ms % 1000) + 1000) % 1000; // floor, so times before 1970 format too
+  std::time_t secs = static_cast<std::time_t>((ms - millis) / 1000);
   std::tm tm{};
   gmtime_r(&secs, &tm);
-  char buf[40];
+  char buf[96]; // room for seven ints of any value: optimized -Werror builds check this
   std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900,
-                tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, static_cast<int>(ms % 1000));
+                tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, static_cast<int>(millis));
   return buf;
 }
 
@@ -60,14 +61,18 @@ inline std::string rfc3339_ms(std::chrono::system_clock::time_point t) {
 /// Writes `set` to `path` atomically: a temporary file in the same directory (mode
 /// 0600), fsync, rename over `path`, fsync of the directory. Readers of `path` see the
 /// old file or the new one, never a mix; concurrent saves are safe (the last rename
-/// wins). On error nothing at `path` changes and the temporary file is removed.
+/// wins). On an error before the rename nothing at `path` changes and the temporary
+/// file is removed; if only the final directory fsync fails, the new file is in place
+/// but may not survive a power loss, and the error says so.
 inline Result<void> save_snapshot(const std::string& path, const PeerSet& set,
                                   std::chrono::system_clock::time_point now = std::chrono::system_clock::now()) {
   nlohmann::ordered_json payload_doc = peer_set_to_json(set);
   payload_doc["saved_at"] = detail::rfc3339_ms(now);
   payload_doc["saved_at_ms"] =
       std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count();
-  std::string payload = payload_doc.dump();
+  // Bytes that are not UTF-8 (a Peer built in code may hold any) become U+FFFD rather
+  // than throwing.
+  std::string payload = payload_doc.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
   char header[96];
   std::snprintf(header, sizeof header, "dynup-snapshot %d %zu %08x\n", snapshot_format_version,
                 payload.size(), static_cast<unsigned>(detail::crc32c(payload)));
@@ -104,7 +109,7 @@ inline Result<void> save_snapshot(const std::string& path, const PeerSet& set,
   int rc = ::fsync(dfd);
   int err = errno;
   ::close(dfd);
-  if (rc != 0) return detail::errno_error("cannot fsync directory", dir, err);
+  if (rc != 0) return detail::errno_error("saved, but cannot fsync directory", dir, err);
   return {};
 }
 
@@ -124,8 +129,11 @@ inline Result<LoadedSnapshot> decode_snapshot(std::string_view data) {
   unsigned long long length = 0;
   unsigned crc = 0;
   int consumed = 0;
+  // The checksum is exactly 8 hex digits after a space (%8x alone would accept fewer).
+  bool crc_field_ok = header.size() >= 9 && header[header.size() - 9] == ' ' &&
+                      header.find_first_not_of("0123456789abcdefABCDEF", header.size() - 8) == std::string::npos;
   if (std::sscanf(header.c_str(), "%d %llu %8x%n", &format, &length, &crc, &consumed) != 3 ||
-      static_cast<std::size_t>(consumed) != header.size() || header.size() < 14)
+      static_cast<std::size_t>(consumed) != header.size() || !crc_field_ok)
     return corrupt("malformed header \"" + header + "\"");
   if (format != snapshot_format_version)
     return Error(Errc::unsupported, "snapshot format " + std::to_string(format) +

@@ -66,7 +66,7 @@ inline Result<std::string> read_file(const std::string& path, std::size_t limit)
     data.append(buf, static_cast<std::size_t>(n));
     if (data.size() > limit) {
       ::close(fd);
-      return Error(Errc::io_error, path + " grew past the limit of " + std::to_string(limit) + " bytes");
+      return Error(Errc::too_large, path + " grew past the limit of " + std::to_string(limit) + " bytes");
     }
   }
   ::close(fd);

@@ -80,6 +80,7 @@ inline Result<SourceSpec> parse_source_spec(std::string_view text) {
     auto path = detail::percent_decode(rest, "the file path");
     if (!path) return bad(path.error().message());
     if (path->empty()) return bad("the file path is empty");
+    if (path->find('\0') != std::string::npos) return bad("the file path contains %00");
     spec.path = std::move(path).value();
     return spec;
   }
@@ -101,11 +102,15 @@ inline Result<SourceSpec> parse_source_spec(std::string_view text) {
     if (close + 1 < authority.size()) {
       if (authority[close + 1] != ':') return bad("expected :port after ]");
       port = authority.substr(close + 2);
+      if (port.empty()) return bad("the port after ':' is empty");
     }
   } else {
     auto c = authority.rfind(':');
     host = authority.substr(0, c);
-    if (c != std::string_view::npos) port = authority.substr(c + 1);
+    if (c != std::string_view::npos) {
+      port = authority.substr(c + 1);
+      if (port.empty()) return bad("the port after ':' is empty");
+    }
   }
   if (host.empty()) return bad("the host is empty");
   spec.host = std::string(host);

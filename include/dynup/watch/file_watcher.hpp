@@ -165,7 +165,7 @@ private:
   }
 
   static std::uint64_t fingerprint(const std::string& bytes) {
-    detail::Fnv1a64 h;
+    detail::ContentHash h;
     h.str(bytes);
     return h.value();
   }
@@ -217,8 +217,10 @@ private:
       if (rc > 0 && inotify_fd_ >= 0 && (fds[1].revents & POLLIN)) {
         bool named = false, rewatch = false;
         drain_events(named, rewatch);
-        if (rewatch) {
-          // The directory itself was removed or moved; the poll re-adds the watch.
+        if (rewatch && watch_ >= 0) {
+          // The directory itself was removed or moved: drop the watch (a moved directory's
+          // watch would otherwise linger) and let the poll add one on the path again.
+          ::inotify_rm_watch(inotify_fd_, watch_);
           watch_ = -1;
         }
         force = force || named;

@@ -1,0 +1,274 @@
+// dynup-watch as a user runs it: a real process on a real file.
+#include <support/process.hpp>
+#include <support/temp_dir.hpp>
+
+#include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
+
+#include <signal.h>
+
+#include <chrono>
+#include <optional>
+#include <string>
+#include <vector>
+
+#ifndef DYNUP_WATCH_BIN
+#error "DYNUP_WATCH_BIN must name the dynup-watch binary (tests/CMakeLists.txt defines it)"
+#endif
+
+namespace {
+
+using dynup_test::Process;
+using dynup_test::TempDir;
+using dynup_test::write_by_rename;
+using Stream = dynup_test::Process::Stream;
+using namespace std::chrono_literals;
+
+// Generous: a sanitizer build starts slowly, and we never assert tight timing.
+constexpr auto line_timeout = 5000ms;
+
+std::string peers_doc(int port) {
+  return R"({"peers":[{"host":"10.0.0.1","port":)" + std::to_string(port) +
+         R"(,"weight":2,"zone":"z1"},"10.0.0.2:9000"]})";
+}
+
+Process watch(const std::vector<std::string>& args) {
+  std::vector<std::string> argv{DYNUP_WATCH_BIN};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return Process(argv);
+}
+
+// A stdout line: JSON whose keys start "version","index","peers", in that order.
+nlohmann::ordered_json parse_version_line(const std::string& line) {
+  INFO("line: " << line);
+  CHECK(line.rfind("{\"version\":", 0) == 0);
+  auto doc = nlohmann::ordered_json::parse(line, nullptr, false);
+  REQUIRE_FALSE(doc.is_discarded());
+  REQUIRE(doc.is_object());
+  std::vector<std::string> keys;
+  for (auto it = doc.begin(); it != doc.end(); ++it) keys.push_back(it.key());
+  REQUIRE(keys.size() >= 3);
+  CHECK(keys[0] == "version");
+  CHECK(keys[1] == "index");
+  CHECK(keys[2] == "peers");
+  REQUIRE(doc["peers"].is_array());
+  return doc;
+}
+
+std::string next_line(Process& p, Stream s) {
+  auto line = p.read_line(s, line_timeout);
+  REQUIRE_MESSAGE(line.has_value(), "no line within the timeout");
+  return *line;
+}
+
+} // namespace
+
+TEST_CASE("dynup-watch prints each published version and reports bad files on stderr") {
+  TempDir dir;
+  std::string path = dir.file("peers.json");
+  write_by_rename(path, peers_doc(8001));
+  Process p = watch({"file://" + path});
+
+  auto first = parse_version_line(next_line(p, Stream::out));
+  CHECK(first["version"] == 1);
+  CHECK(first["index"] == 1);
+  REQUIRE(first["peers"].size() == 2);
+  CHECK(first["peers"][0]["id"] == "10.0.0.1:8001");
+  CHECK(first["peers"][0]["host"] == "10.0.0.1");
+  CHECK(first["peers"][0]["port"] == 8001);
+  CHECK(first["peers"][0]["weight"] == 2);
+  CHECK(first["peers"][0]["zone"] == "z1");
+  CHECK(first["peers"][0]["health"] == "passing");
+  CHECK(first["peers"][1]["id"] == "10.0.0.2:9000");
+
+  write_by_rename(path, peers_doc(8002));
+  auto second = parse_version_line(next_line(p, Stream::out));
+  CHECK(second["version"] == 2);
+  CHECK(second["peers"][0]["port"] == 8002);
+
+  write_by_rename(path, "{\"peers\": [ this is not json");
+  std::string err = next_line(p, Stream::err);
+  CHECK(err.rfind("dynup-watch: ", 0) == 0);
+  CHECK(err.find(path) != std::string::npos);
+  CHECK_FALSE(p.read_line(Stream::out, 500ms).has_value()); // the last good set stays
+
+  write_by_rename(path, peers_doc(8003));
+  auto third = parse_version_line(next_line(p, Stream::out));
+  CHECK(third["version"] == 3);
+  CHECK(third["peers"][0]["port"] == 8003);
+
+  auto st = p.stop();
+  CHECK(st.exited);
+  CHECK(st.code == 0);
+}
+
+TEST_CASE("dynup-watch does not print a line when the content is unchanged") {
+  TempDir dir;
+  std::string path = dir.file("peers.json");
+  write_by_rename(path, peers_doc(8001));
+  Process p = watch({"file://" + path});
+  CHECK(parse_version_line(next_line(p, Stream::out))["version"] == 1);
+
+  // Same peers, written in another order: decoded, equal, not printed.
+  write_by_rename(path, R"({"peers":["10.0.0.2:9000",{"zone":"z1","weight":2,"port":8001,"host":"10.0.0.1"}]})");
+  CHECK_FALSE(p.read_line(Stream::out, 500ms).has_value());
+  write_by_rename(path, peers_doc(8002));
+  CHECK(parse_version_line(next_line(p, Stream::out))["version"] == 2);
+}
+
+TEST_CASE("dynup-watch --once prints one line and exits 0") {
+  TempDir dir;
+  std::string path = dir.file("peers.json");
+  write_by_rename(path, peers_doc(8001));
+  Process p = watch({"--once", "file://" + path});
+  auto st = p.wait_exit(line_timeout);
+  REQUIRE(st.has_value());
+  CHECK(st->exited);
+  CHECK(st->code == 0);
+  std::string out = p.read_all(Stream::out, line_timeout);
+  REQUIRE(!out.empty());
+  CHECK(out.back() == '\n');
+  CHECK(out.find('\n') == out.size() - 1); // exactly one line
+  auto doc = parse_version_line(out.substr(0, out.size() - 1));
+  CHECK(doc["version"] == 1);
+  CHECK(p.read_all(Stream::err, line_timeout).empty());
+}
+
+TEST_CASE("dynup-watch --once on a missing file exits 1 with the reason on stderr") {
+  TempDir dir;
+  std::string path = dir.file("absent.json");
+  Process p = watch({"--once", "file://" + path});
+  auto st = p.wait_exit(line_timeout);
+  REQUIRE(st.has_value());
+  CHECK(st->exited);
+  CHECK(st->code == 1);
+  CHECK(p.read_all(Stream::out, line_timeout).empty());
+  std::string err = p.read_all(Stream::err, line_timeout);
+  CHECK(err.find("dynup-watch: ") == 0);
+  CHECK(err.find(path) != std::string::npos);
+}
+
+TEST_CASE("dynup-watch --once on an invalid file exits 1") {
+  TempDir dir;
+  std::string path = dir.file("peers.json");
+  write_by_rename(path, "[1, 2");
+  Process p = watch({"--once", "file://" + path});
+  auto st = p.wait_exit(line_timeout);
+  REQUIRE(st.has_value());
+  CHECK(st->code == 1);
+  CHECK(p.read_all(Stream::out, line_timeout).empty());
+  CHECK(p.read_all(Stream::err, line_timeout).find("invalid JSON") != std::string::npos);
+}
+
+TEST_CASE("dynup-watch rejects bad command lines with exit 2 and the usage text") {
+  struct Case {
+    std::vector<std::string> args;
+    std::string says;
+  };
+  std::vector<Case> cases{
+      {{"--frobnicate", "file:///tmp/x.json"}, "unknown option --frobnicate"},
+      {{}, "missing SPEC"},
+      {{"file:///a.json", "file:///b.json"}, "only one SPEC"},
+      {{"--poll-ms", "5", "file:///a.json"}, "--poll-ms"},
+      {{"--poll-ms"}, "needs a value"},
+      {{"--max-removed", "1.5", "file:///a.json"}, "--max-removed"},
+      {{"--max-removed", "nan", "file:///a.json"}, "--max-removed"},
+      {{"--min-peers", "2.5", "file:///a.json"}, "--min-peers"},
+      {{"--min-peers", "1e300", "file:///a.json"}, "--min-peers"},
+      {{"--min-peers", "inf", "file:///a.json"}, "--min-peers"},
+      {{"--poll-ms", "nan", "file:///a.json"}, "--poll-ms"},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.says);
+    Process p = watch(c.args);
+    auto st = p.wait_exit(line_timeout);
+    REQUIRE(st.has_value());
+    CHECK(st->exited);
+    CHECK(st->code == 2);
+    std::string err = p.read_all(Stream::err, line_timeout);
+    CHECK(err.find(c.says) != std::string::npos);
+    CHECK(err.find("usage: dynup-watch") != std::string::npos);
+    CHECK(p.read_all(Stream::out, line_timeout).empty());
+  }
+}
+
+TEST_CASE("dynup-watch --min-peers refuses a set that is too small") {
+  TempDir dir;
+  std::string path = dir.file("peers.json");
+  write_by_rename(path, peers_doc(8001)); // two peers
+  {
+    Process p = watch({"--once", "--min-peers", "3", "file://" + path});
+    auto st = p.wait_exit(line_timeout);
+    REQUIRE(st.has_value());
+    CHECK(st->code == 1);
+    CHECK(p.read_all(Stream::out, line_timeout).empty());
+    CHECK(p.read_all(Stream::err, line_timeout).find("min_peers") != std::string::npos);
+  }
+  {
+    Process p = watch({"--once", "--min-peers", "2", "file://" + path});
+    auto st = p.wait_exit(line_timeout);
+    REQUIRE(st.has_value());
+    CHECK(st->code == 0);
+  }
+}
+
+TEST_CASE("dynup-watch --allow-empty prints an empty peer list") {
+  TempDir dir;
+  std::string path = dir.file("peers.json");
+  write_by_rename(path, R"({"peers":[]})");
+  Process refused = watch({"--once", "file://" + path});
+  REQUIRE(refused.wait_exit(line_timeout).has_value());
+  CHECK(refused.wait_exit(line_timeout)->code == 1);
+
+  Process p = watch({"--once", "--allow-empty", "file://" + path});
+  auto st = p.wait_exit(line_timeout);
+  REQUIRE(st.has_value());
+  CHECK(st->code == 0);
+  std::string out = p.read_all(Stream::out, line_timeout);
+  REQUIRE(out.size() > 1);
+  CHECK(parse_version_line(out.substr(0, out.size() - 1))["peers"].empty());
+}
+
+TEST_CASE("dynup-watch rejects an unknown scheme with exit 2") {
+  Process p = watch({"gopher://example.com/peers"});
+  auto st = p.wait_exit(line_timeout);
+  REQUIRE(st.has_value());
+  CHECK(st->code == 2);
+  CHECK(p.read_all(Stream::err, line_timeout).find("gopher") != std::string::npos);
+}
+
+TEST_CASE("dynup-watch --help prints the usage on stdout and exits 0") {
+  Process p = watch({"--help"});
+  auto st = p.wait_exit(line_timeout);
+  REQUIRE(st.has_value());
+  CHECK(st->code == 0);
+  CHECK(p.read_all(Stream::out, line_timeout).rfind("usage: dynup-watch", 0) == 0);
+}
+
+TEST_CASE("dynup-watch exits 0 promptly on SIGTERM and SIGINT") {
+  TempDir dir;
+  std::string path = dir.file("peers.json");
+  write_by_rename(path, peers_doc(8001));
+  for (int sig : {SIGTERM, SIGINT}) {
+    CAPTURE(sig);
+    Process p = watch({"--poll-ms", "600000", "file://" + path});
+    next_line(p, Stream::out); // running and watching
+    auto t0 = std::chrono::steady_clock::now();
+    p.send(sig);
+    auto st = p.wait_exit(2000ms);
+    REQUIRE_MESSAGE(st.has_value(), "still running 2 s after the signal");
+    CHECK(std::chrono::steady_clock::now() - t0 < 2s);
+    CHECK(st->exited);
+    CHECK(st->code == 0);
+  }
+}
+
+TEST_CASE("dynup-watch starts on a missing file and prints once it appears") {
+  TempDir dir;
+  std::string path = dir.file("peers.json");
+  Process p = watch({"file://" + path});
+  std::string err = next_line(p, Stream::err);
+  CHECK(err.find(path) != std::string::npos);
+  write_by_rename(path, peers_doc(8001));
+  CHECK(parse_version_line(next_line(p, Stream::out))["version"] == 1);
+}
