@@ -1,5 +1,6 @@
 #include <dynup/publisher.hpp>
 
+#include "support/peers.hpp"
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -18,19 +19,8 @@ using dynup::PeerSet;
 using dynup::Publisher;
 using dynup::Snapshot;
 
-Peer peer(const std::string& host, std::uint16_t port, std::uint32_t weight = 1) {
-  Peer p;
-  p.host = host;
-  p.port = port;
-  p.weight = weight;
-  return p;
-}
-
-PeerSet make_set(std::vector<Peer> peers, std::uint64_t index = 0) {
-  auto s = PeerSet::make(std::move(peers), index);
-  REQUIRE(s);
-  return std::move(s).value();
-}
+using dynup_test::make_set;
+using dynup_test::peer;
 
 // Set number `gen` (>= 1): 1 + gen % 5 peers, each tagged with gen in meta and weight,
 // so a reader can tell whether what it sees is one whole set.

@@ -3,6 +3,7 @@
 
 #include <support/temp_dir.hpp>
 
+#include "support/peers.hpp"
 #include <doctest/doctest.h>
 
 #include <sys/stat.h>
@@ -24,19 +25,8 @@ using dynup_test::TempDir;
 using std::chrono::milliseconds;
 using std::chrono::system_clock;
 
-Peer peer(const std::string& host, std::uint16_t port, std::uint32_t weight = 1) {
-  Peer p;
-  p.host = host;
-  p.port = port;
-  p.weight = weight;
-  return p;
-}
-
-PeerSet make_set(std::vector<Peer> peers, std::uint64_t index = 0) {
-  auto s = PeerSet::make(std::move(peers), index);
-  REQUIRE(s);
-  return std::move(s).value();
-}
+using dynup_test::make_set;
+using dynup_test::peer;
 
 // Every field set to something other than its default, including an IPv6 host.
 PeerSet rich_set(std::uint64_t index) {

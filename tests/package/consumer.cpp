@@ -1,15 +1,26 @@
-// Uses dynup fetched with FetchContent, the way an application would: parse a peer
-// list, publish it, read it back. Exits non-zero if anything is off.
+// The one program every consumer project builds (find_package, add_subdirectory,
+// FetchContent, pkg-config): it uses dynup the way an application would — parse a peer
+// list, publish it, read it back — and exits non-zero if anything is off.
 #include <dynup/dynup.hpp>
 
 #include <cstdio>
+#include <cstring>
+
+#ifndef DYNUP_CONSUMER
+#define DYNUP_CONSUMER "pkg-config"
+#endif
 
 static int fail(const char* what) {
-  std::fprintf(stderr, "fetchcontent consumer: %s\n", what);
+  std::fprintf(stderr, "%s consumer: %s\n", DYNUP_CONSUMER, what);
   return 1;
 }
 
 int main() {
+#ifdef EXPECTED_DYNUP_VERSION
+  // The headers found must be the version the CMake package (or .pc file) reported.
+  if (std::strcmp(dynup::version_string, EXPECTED_DYNUP_VERSION) != 0)
+    return fail("header version differs from the package version");
+#endif
   auto set = dynup::parse_peer_set(
       R"({"peers":["10.0.0.1:8080",{"host":"10.0.0.2","port":8080,"weight":3}]})");
   if (!set) return fail(set.error().message().c_str());
