@@ -7,6 +7,7 @@ packages=(
   g++ cmake make pkg-config git ca-certificates
   nlohmann-json3-dev libcpp-httplib-dev # dependencies of the library
   doctest-dev libbenchmark-dev          # tests and benchmarks
+  nginx                                 # real nginx 1.22: the policies are checked against it
 )
 
 missing=()
@@ -24,6 +25,16 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 echo "install-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
+# Packaged services (nginx) must not start on install: tests start their own servers
+# on free loopback ports. policy-rc.d exit 101 is Debian's "do not start" answer.
+policy=/usr/sbin/policy-rc.d
+made_policy=""
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+  $sudo chmod +x "$policy"
+  made_policy=1
+fi
+trap '[ -n "$made_policy" ] && $sudo rm -f "$policy"' EXIT
 # A fresh machine may have no package lists yet: update once if the install fails.
 if ! $sudo apt-get install -y --no-install-recommends "${missing[@]}"; then
   $sudo apt-get update
