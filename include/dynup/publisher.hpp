@@ -1,6 +1,7 @@
 // Publisher: RCU-style publication of immutable peer sets inside one process.
 #pragma once
 
+#include <dynup/detail/slots.hpp>
 #include <dynup/peer_set.hpp>
 #include <dynup/version.hpp>
 
@@ -32,35 +33,9 @@ inline std::vector<std::unique_ptr<SnapshotCacheSlot>>& snapshot_cache() noexcep
   return slots;
 }
 
-class SlotNumbers {
-public:
-  static SlotNumbers& instance() {
-    static SlotNumbers s;
-    return s;
-  }
-  std::size_t acquire() {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!free_.empty()) {
-      std::size_t n = free_.back();
-      free_.pop_back();
-      return n;
-    }
-    return next_++;
-  }
-  void release(std::size_t n) {
-    std::lock_guard<std::mutex> lock(mu_);
-    free_.push_back(n);
-  }
-
-private:
-  std::mutex mu_;
-  std::vector<std::size_t> free_;
-  std::size_t next_ = 0;
-};
-
-inline std::uint64_t next_publisher_generation() noexcept {
-  static std::atomic<std::uint64_t> next{1};
-  return next.fetch_add(1, std::memory_order_relaxed);
+inline SlotNumbers& publisher_slots() {
+  static SlotNumbers numbers;
+  return numbers;
 }
 
 } // namespace detail
@@ -86,11 +61,11 @@ struct PublishOutcome {
 class Publisher {
 public:
   Publisher()
-      : generation_(detail::next_publisher_generation()),
-        slot_(detail::SlotNumbers::instance().acquire()),
+      : generation_(detail::next_generation()),
+        slot_(detail::publisher_slots().acquire()),
         current_(std::make_shared<const PeerSet>()) {}
 
-  ~Publisher() { detail::SlotNumbers::instance().release(slot_); }
+  ~Publisher() { detail::publisher_slots().release(slot_); }
 
   Publisher(const Publisher&) = delete;
   Publisher& operator=(const Publisher&) = delete;

@@ -1,0 +1,261 @@
+// The policy contract: a Policy builds an immutable Picker per published version (off
+// the request path); Picker::pick is noexcept, allocation-free and lock-free.
+#pragma once
+
+#include <dynup/detail/hash.hpp>
+#include <dynup/health/view.hpp>
+#include <dynup/peer_set.hpp>
+#include <dynup/publisher.hpp>
+#include <dynup/version.hpp>
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+DYNUP_NAMESPACE_BEGIN
+
+/// Mutable per-peer state shared by every picker built for the same peer id, so a peer
+/// that stays across an update keeps its counters. One cache line each: request threads
+/// updating two peers never write the same line.
+struct alignas(64) PeerStats {
+  std::atomic<std::int64_t> in_flight{0};
+  std::atomic<double> ewma_ns{-1.0};            ///< peak EWMA latency; < 0 before any sample
+  std::atomic<std::int64_t> ewma_stamp_ns{0};   ///< steady-clock time of the last sample
+};
+
+/// Per-peer stats keyed by id, owned by one Policy. `attach` is called by the thread
+/// that builds pickers (never concurrently with itself); the PeerStats it hands out stay
+/// valid while any picker holds them.
+class StatsRegistry {
+public:
+  /// Stats for each peer of `set`, in set order: existing entries for ids seen before,
+  /// new ones for new ids; ids no longer present are forgotten. O(n), allocates.
+  std::vector<std::shared_ptr<PeerStats>> attach(const PeerSet& set) {
+    std::unordered_map<std::string, std::shared_ptr<PeerStats>> next;
+    next.reserve(set.size());
+    std::vector<std::shared_ptr<PeerStats>> out;
+    out.reserve(set.size());
+    for (const Peer& p : set) {
+      auto it = by_id_.find(p.id);
+      auto stats = it != by_id_.end() ? it->second : std::make_shared<PeerStats>();
+      out.push_back(stats);
+      next.emplace(p.id, std::move(stats));
+    }
+    by_id_.swap(next);
+    return out;
+  }
+  std::size_t size() const noexcept { return by_id_.size(); }
+
+private:
+  std::unordered_map<std::string, std::shared_ptr<PeerStats>> by_id_;
+};
+
+/// Why a pick found no peer.
+enum class PickError : std::uint8_t {
+  none,            ///< a peer was picked
+  no_peers,        ///< the set is empty
+  all_unavailable, ///< every peer is down (health, ejection); none was tried
+  all_tried,       ///< every available peer was already tried for this request
+};
+
+constexpr const char* to_string(PickError e) noexcept {
+  switch (e) {
+  case PickError::none: return "none";
+  case PickError::no_peers: return "no peers";
+  case PickError::all_unavailable: return "all peers unavailable";
+  case PickError::all_tried: return "all available peers already tried";
+  }
+  return "unknown";
+}
+
+/// The peers already tried for one request (nginx `proxy_next_upstream`), by id hash so
+/// it stays meaningful across a version change between tries. Holds 64 peers without
+/// allocating; more spill to the heap. Not thread-safe: one per request.
+class TriedPeers {
+public:
+  static constexpr std::size_t inline_capacity = 64;
+
+  void add(std::uint64_t id_hash) {
+    if (contains(id_hash)) return;
+    if (n_ < inline_capacity)
+      inline_[n_] = id_hash;
+    else
+      overflow_.push_back(id_hash);
+    ++n_;
+  }
+  bool contains(std::uint64_t id_hash) const noexcept {
+    std::size_t k = n_ < inline_capacity ? n_ : inline_capacity;
+    for (std::size_t i = 0; i < k; ++i)
+      if (inline_[i] == id_hash) return true;
+    for (std::uint64_t h : overflow_)
+      if (h == id_hash) return true;
+    return false;
+  }
+  std::size_t size() const noexcept { return n_; }
+  bool empty() const noexcept { return n_ == 0; }
+  void clear() noexcept {
+    n_ = 0;
+    overflow_.clear();
+  }
+
+private:
+  std::array<std::uint64_t, inline_capacity> inline_{};
+  std::size_t n_ = 0;
+  std::vector<std::uint64_t> overflow_;
+};
+
+/// The stable 64-bit hash of a peer id that TriedPeers and Selection carry.
+inline std::uint64_t peer_id_hash(std::string_view id) noexcept {
+  detail::ContentHash h;
+  h.str(id);
+  return h.value();
+}
+
+/// What a pick knows about the request.
+struct PickContext {
+  std::string_view key;               ///< hash key for ring_hash / maglev (empty: none)
+  const TriedPeers* tried = nullptr;  ///< peers to skip (a retry)
+};
+
+/// A picked peer, or the reason there is none. `peer` and `stats` point into the picker
+/// (and its snapshot): valid while the caller holds that picker.
+struct Selection {
+  const Peer* peer = nullptr;
+  PeerStats* stats = nullptr;
+  std::uint32_t index = 0;       ///< position in the picker's set (id order)
+  std::uint64_t id_hash = 0;     ///< for TriedPeers::add on a retry
+  PickError error = PickError::no_peers;
+  explicit operator bool() const noexcept { return peer != nullptr; }
+};
+
+/// How a request to a picked peer ended.
+struct Outcome {
+  std::chrono::nanoseconds latency{0};
+  int status = 0;               ///< HTTP status, 0 when none was received
+  bool connect_failure = false;
+};
+
+/// An immutable routing table for one peer set and health view. Thread-safe: any number
+/// of threads may call pick/on_start/on_finish concurrently.
+class Picker {
+public:
+  virtual ~Picker() = default;
+
+  /// Picks a peer, skipping unavailable and already-tried ones; primaries first, backup
+  /// peers only when no primary is usable (nginx `backup`). noexcept, no allocation,
+  /// no lock. Complexity is stated by each policy.
+  virtual Selection pick(const PickContext& ctx) const noexcept = 0;
+
+  /// A request to `s` started (counts in-flight requests for least_request and ewma).
+  void on_start(const Selection& s) const noexcept {
+    if (s.stats) s.stats->in_flight.fetch_add(1, std::memory_order_relaxed);
+  }
+  /// A request to `s` ended. Policies that learn from latency override this.
+  virtual void on_finish(const Selection& s, const Outcome&) const noexcept {
+    if (s.stats) s.stats->in_flight.fetch_sub(1, std::memory_order_relaxed);
+  }
+
+  /// The set this picker routes over.
+  const Snapshot& set() const noexcept { return set_; }
+
+protected:
+  explicit Picker(Snapshot set) : set_(std::move(set)) {}
+  Snapshot set_;
+};
+
+namespace detail {
+
+/// Shared bookkeeping for the built-in policies: per-peer stats and id hashes, effective
+/// weights, and the available peers split into tiers (0: primaries, 1: backups).
+class PickerBase : public Picker {
+protected:
+  PickerBase(Snapshot set, const HealthView& health, StatsRegistry& registry) : Picker(std::move(set)) {
+    const PeerSet& s = *set_;
+    stats_owner_ = registry.attach(s);
+    stats_.reserve(s.size());
+    id_hash_.reserve(s.size());
+    weight_.reserve(s.size());
+    for (std::size_t i = 0; i < s.size(); ++i) {
+      stats_.push_back(stats_owner_[i].get());
+      id_hash_.push_back(peer_id_hash(s[i].id));
+      bool ok = i >= health.peers.size() || health.peers[i].available;
+      std::uint32_t w = i < health.peers.size() ? health.peers[i].weight : s[i].weight;
+      if (w < 1) w = 1;
+      weight_.push_back(w);
+      if (ok) tiers_[s[i].backup ? 1 : 0].push_back(static_cast<std::uint32_t>(i));
+    }
+  }
+
+  bool is_tried(std::uint32_t i, const PickContext& ctx) const noexcept {
+    return ctx.tried != nullptr && !ctx.tried->empty() && ctx.tried->contains(id_hash_[i]);
+  }
+
+  Selection select(std::uint32_t i) const noexcept {
+    Selection s;
+    s.peer = &(*set_)[i];
+    s.stats = stats_[i];
+    s.index = i;
+    s.id_hash = id_hash_[i];
+    s.error = PickError::none;
+    return s;
+  }
+
+  /// First untried member of `tier` at or after position `start` (wrapping). O(tier
+  /// size); policies call it only when their O(1) path met tried peers.
+  Selection scan(int tier, std::size_t start, const PickContext& ctx) const noexcept {
+    const auto& members = tiers_[tier];
+    std::size_t n = members.size();
+    for (std::size_t k = 0; k < n; ++k) {
+      std::uint32_t i = members[(start + k) % n];
+      if (!is_tried(i, ctx)) return select(i);
+    }
+    return {};
+  }
+
+  /// The reason no peer could be picked.
+  Selection none() const noexcept {
+    Selection s;
+    if (set_->empty())
+      s.error = PickError::no_peers;
+    else if (tiers_[0].empty() && tiers_[1].empty())
+      s.error = PickError::all_unavailable;
+    else
+      s.error = PickError::all_tried;
+    return s;
+  }
+
+  std::vector<std::shared_ptr<PeerStats>> stats_owner_;
+  std::vector<PeerStats*> stats_;
+  std::vector<std::uint64_t> id_hash_;
+  std::vector<std::uint32_t> weight_; ///< effective weight per peer (set order)
+  std::vector<std::uint32_t> tiers_[2];
+};
+
+} // namespace detail
+
+/// A balancing policy: one per upstream. `build` runs on the thread that publishes (or
+/// applies a health change), never concurrently with itself; the pickers it returns are
+/// shared read-only with request threads. Per-peer stats live in the policy, so they
+/// survive rebuilds.
+class Policy {
+public:
+  virtual ~Policy() = default;
+  /// The policy's name as make_policy accepts it.
+  virtual const char* name() const noexcept = 0;
+  /// Builds the picker for `set` under `health` (peers parallel to the set). Allocates;
+  /// cost is stated by each policy.
+  virtual std::shared_ptr<const Picker> build(const Snapshot& set, const HealthView& health) = 0;
+  /// Same, with registry health only.
+  std::shared_ptr<const Picker> build(const Snapshot& set) { return build(set, HealthView::from_registry(*set)); }
+
+protected:
+  StatsRegistry stats_;
+};
+
+DYNUP_NAMESPACE_END
