@@ -12,6 +12,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -37,23 +38,31 @@ public:
   /// Stats for each peer of `set`, in set order: existing entries for ids seen before,
   /// new ones for new ids; ids no longer present are forgotten. O(n), allocates.
   std::vector<std::shared_ptr<PeerStats>> attach(const PeerSet& set) {
-    std::unordered_map<std::string, std::shared_ptr<PeerStats>> next;
-    next.reserve(set.size());
+    ++round_;
     std::vector<std::shared_ptr<PeerStats>> out;
     out.reserve(set.size());
     for (const Peer& p : set) {
       auto it = by_id_.find(p.id);
-      auto stats = it != by_id_.end() ? it->second : std::make_shared<PeerStats>();
-      out.push_back(stats);
-      next.emplace(p.id, std::move(stats));
+      if (it == by_id_.end()) it = by_id_.emplace(p.id, Entry{std::make_shared<PeerStats>(), 0}).first;
+      it->second.seen = round_;
+      out.push_back(it->second.stats);
     }
-    by_id_.swap(next);
+    if (by_id_.size() != set.size()) {
+      for (auto it = by_id_.begin(); it != by_id_.end();)
+        it = it->second.seen == round_ ? std::next(it) : by_id_.erase(it);
+    }
     return out;
   }
   std::size_t size() const noexcept { return by_id_.size(); }
 
 private:
-  std::unordered_map<std::string, std::shared_ptr<PeerStats>> by_id_;
+  // Updated in place: an unchanged peer costs one lookup, no string copy or allocation.
+  struct Entry {
+    std::shared_ptr<PeerStats> stats;
+    std::uint64_t seen;
+  };
+  std::unordered_map<std::string, Entry> by_id_;
+  std::uint64_t round_ = 0;
 };
 
 /// Why a pick found no peer.
@@ -171,6 +180,13 @@ protected:
 
 namespace detail {
 
+/// One available peer of a tier, packed for policies that read its load on every pick.
+struct TierMember {
+  PeerStats* stats;
+  std::uint32_t index;  ///< position in the set
+  std::uint32_t weight; ///< effective weight
+};
+
 /// Shared bookkeeping for the built-in policies: per-peer stats and id hashes, effective
 /// weights, and the available peers split into tiers (0: primaries, 1: backups).
 class PickerBase : public Picker {
@@ -188,7 +204,11 @@ protected:
       std::uint32_t w = i < health.peers.size() ? health.peers[i].weight : s[i].weight;
       if (w < 1) w = 1;
       weight_.push_back(w);
-      if (ok) tiers_[s[i].backup ? 1 : 0].push_back(static_cast<std::uint32_t>(i));
+      if (ok) {
+        int t = s[i].backup ? 1 : 0;
+        tiers_[t].push_back(static_cast<std::uint32_t>(i));
+        members_[t].push_back({stats_[i], static_cast<std::uint32_t>(i), w});
+      }
     }
   }
 
@@ -235,6 +255,9 @@ protected:
   std::vector<std::uint64_t> id_hash_;
   std::vector<std::uint32_t> weight_; ///< effective weight per peer (set order)
   std::vector<std::uint32_t> tiers_[2];
+  /// tiers_ again with each member's stats and weight beside its index: load-aware
+  /// policies touch one 16-byte entry per candidate instead of three scattered arrays.
+  std::vector<TierMember> members_[2];
 };
 
 } // namespace detail

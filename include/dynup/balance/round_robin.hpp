@@ -134,8 +134,8 @@ inline RrSchedule build_rr_schedule(std::vector<std::uint64_t> w) {
     const Group& x = groups[a];
     const Group& y = groups[b];
     std::uint64_t ja = x.picks / x.members.size(), jb = y.picks / y.members.size();
-    unsigned __int128 da = static_cast<unsigned __int128>(2 * ja + 1) * y.weight;
-    unsigned __int128 db = static_cast<unsigned __int128>(2 * jb + 1) * x.weight;
+    detail::uint128 da = static_cast<detail::uint128>(2 * ja + 1) * y.weight;
+    detail::uint128 db = static_cast<detail::uint128>(2 * jb + 1) * x.weight;
     if (da != db) return da > db;
     return x.members[x.picks % x.members.size()] > y.members[y.picks % y.members.size()];
   };
@@ -220,31 +220,41 @@ private:
     bool exact() const noexcept { return exact_; }
 
   private:
-    std::uint64_t next_position(int tier) const noexcept {
-      if (slot_ >= DYNUP_RR_THREAD_SLOTS) return shared_->pos[tier].fetch_add(1, std::memory_order_relaxed);
+    // This thread's next position in tier `t`'s sequence of length `len`, in [0, len).
+    std::size_t next_position(int t, std::size_t len) const noexcept {
+      if (slot_ >= DYNUP_RR_THREAD_SLOTS)
+        return static_cast<std::size_t>(shared_->pos[t].fetch_add(1, std::memory_order_relaxed) % len);
       detail::RrPosition& p = detail::rr_positions()[slot_];
       if (p.owner != generation_) {
         p.owner = generation_;
         for (auto& x : p.pos)
           x = start_ >= 0 ? static_cast<std::uint64_t>(start_) : detail::thread_random() >> 1;
       }
-      return p.pos[tier]++;
+      // Kept reduced, so the common pick needs no division; a rebuild to a shorter
+      // sequence (or a fresh start) costs one modulo.
+      std::uint64_t& pos = p.pos[t];
+      if (pos >= len) pos %= len;
+      std::size_t at = static_cast<std::size_t>(pos);
+      pos = pos + 1 == len ? 0 : pos + 1;
+      return at;
     }
 
     Selection pick_tier(int t, const PickContext& ctx) const noexcept {
       const auto& members = tiers_[t];
       const auto& order = schedule_[t];
-      std::uint64_t pos = next_position(t);
       std::size_t len = order.empty() ? members.size() : order.size();
+      std::size_t at = next_position(t, len);
+      std::uint32_t first = order.empty() ? members[at] : members[order[at]];
+      if (!is_tried(first, ctx)) return select(first);
       // A retry walks on along the sequence past tried peers, as nginx skips them; a
       // bounded walk, then a scan, so many tried peers cannot make it O(period).
       std::size_t limit = std::min<std::size_t>(len, 2 * members.size() + 8);
-      for (std::size_t k = 0; k < limit; ++k) {
-        std::size_t at = static_cast<std::size_t>((pos + k) % len);
+      for (std::size_t k = 1; k < limit; ++k) {
+        if (++at == len) at = 0;
         std::uint32_t i = order.empty() ? members[at] : members[order[at]];
         if (!is_tried(i, ctx)) return select(i);
       }
-      return scan(t, static_cast<std::size_t>(pos % members.size()), ctx);
+      return scan(t, at % members.size(), ctx);
     }
 
     std::vector<std::uint32_t> schedule_[2];

@@ -13,6 +13,9 @@
 DYNUP_NAMESPACE_BEGIN
 namespace detail {
 
+/// 128-bit unsigned arithmetic (a GCC/Clang extension) for exact products of 64-bit values.
+__extension__ using uint128 = unsigned __int128;
+
 /// SplitMix64 step: a fast generator with good statistical quality for load balancing
 /// (not for anything security-related).
 inline std::uint64_t splitmix64(std::uint64_t& state) noexcept {
@@ -44,7 +47,7 @@ inline std::uint64_t thread_random() noexcept {
 /// A uniform value in [0, n) for n > 0 (Lemire's multiply-shift; the bias is below
 /// n / 2^64, far under anything a balancer can observe).
 inline std::uint64_t thread_random_below(std::uint64_t n) noexcept {
-  return static_cast<std::uint64_t>((static_cast<unsigned __int128>(thread_random()) * n) >> 64);
+  return static_cast<std::uint64_t>((static_cast<uint128>(thread_random()) * n) >> 64);
 }
 
 } // namespace detail
