@@ -34,8 +34,10 @@ inline std::vector<std::unique_ptr<SnapshotCacheSlot>>& snapshot_cache() noexcep
 }
 
 inline SlotNumbers& publisher_slots() {
-  static SlotNumbers numbers;
-  return numbers;
+  // Never destroyed: objects in static storage (an embedder's global policy or
+  // publisher) may release their number after other statics are gone.
+  static SlotNumbers* numbers = new SlotNumbers;
+  return *numbers;
 }
 
 } // namespace detail

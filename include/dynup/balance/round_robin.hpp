@@ -51,8 +51,10 @@ inline RrPosition* rr_positions() noexcept {
 }
 
 inline SlotNumbers& rr_slots() {
-  static SlotNumbers numbers;
-  return numbers;
+  // Never destroyed: objects in static storage (an embedder's global policy or
+  // publisher) may release their number after other statics are gone.
+  static SlotNumbers* numbers = new SlotNumbers;
+  return *numbers;
 }
 
 /// One period of a weighted schedule over members 0..m-1. `exact` tells whether it is
