@@ -230,16 +230,6 @@ TEST_CASE("maglev backups have their own table, used only when no primary is usa
   CHECK(on_first < 1200);
 }
 
-TEST_CASE("maglev picks without a key by weight") {
-  auto picker = make("maglev")->build(snapshot({peer("10.0.0.1", 80, 1), peer("10.0.0.2", 80, 3)}));
-  int heavy = 0;
-  constexpr int picks = 40000;
-  for (int i = 0; i < picks; ++i) heavy += picker->pick(PickContext{}).peer->weight == 3;
-  // Binomial(40000, 0.75): standard deviation 87 picks; ±1 000 is more than 11 of them.
-  CHECK(heavy > 29000);
-  CHECK(heavy < 31000);
-}
-
 TEST_CASE("maglev table_size must be a prime in range, and errors say so") {
   auto bad = [](const nlohmann::json& options) {
     auto r = dynup::make_policy("maglev", options);

@@ -405,3 +405,16 @@ TEST_CASE("every policy serves concurrent picks and reports while it is rebuilt"
 }
 
 } // namespace
+
+TEST_CASE("hash policies pick by weight when the request has no key") {
+  for (const char* name : {"ring_hash", "maglev"}) {
+    CAPTURE(name);
+    auto picker = make(name)->build(snapshot({dynup_test::peer("10.0.0.1", 80, 1), dynup_test::peer("10.0.0.2", 80, 3)}));
+    int heavy = 0;
+    constexpr int picks = 40000;
+    for (int i = 0; i < picks; ++i) heavy += picker->pick(PickContext{}).peer->weight == 3;
+    // Binomial(40000, 0.75): standard deviation 87 picks; ±1 000 is more than 11 of them.
+    CHECK(heavy > 29000);
+    CHECK(heavy < 31000);
+  }
+}

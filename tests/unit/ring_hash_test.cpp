@@ -394,16 +394,6 @@ TEST_CASE("ring_hash backups have their own ring, used only when no primary is u
   CHECK(on_first_backup < 1400);
 }
 
-TEST_CASE("ring_hash picks without a key by weight") {
-  auto picker = make("ring_hash")->build(snapshot({peer("10.0.0.1", 80, 1), peer("10.0.0.2", 80, 3)}));
-  int heavy = 0;
-  constexpr int picks = 40000;
-  for (int i = 0; i < picks; ++i) heavy += picker->pick(PickContext{}).peer->weight == 3;
-  // Binomial(40000, 0.75): standard deviation 87 picks; ±1 000 is more than 11 of them.
-  CHECK(heavy > 29000);
-  CHECK(heavy < 31000);
-}
-
 TEST_CASE("ring_hash points_per_weight sets the points per unit of weight and is range-checked") {
   auto p = dynup::make_policy("ring_hash", {{"points_per_weight", 40}});
   REQUIRE(p);
