@@ -27,7 +27,7 @@ inline constexpr std::uint32_t no_choice = std::numeric_limits<std::uint32_t>::m
 /// The preferred of up to `choices` (1..max_choice_count) distinct members of `members`,
 /// drawn uniformly at random, skipping those `skip(m)` rejects; `better(a, b)` (on
 /// TierMember) is true when a is strictly preferred. Ties keep the earlier draw, so they are broken at random.
-/// A tier of at most `choices` members is compared whole, from a random start (ties
+/// A tier of at most `choices` members (or of 4 when choices > 1) is compared whole, from a random start (ties
 /// random again); so is any tier where the bounded draws found nothing usable. Returns
 /// the member's set index, or no_choice. noexcept, no allocation; O(choices) when few
 /// members are skipped, O(n) at worst.
@@ -42,14 +42,15 @@ std::uint32_t p2c_choose(const std::vector<TierMember>& members, std::size_t cho
   auto compare_all = [&]() noexcept {
     auto start = static_cast<std::size_t>(thread_random_below(n));
     const TierMember* best = nullptr;
-    for (std::size_t k = 0; k < n; ++k) {
-      const TierMember& m = members[(start + k) % n];
+    for (std::size_t k = 0, at = start; k < n; ++k, at = at + 1 == n ? 0 : at + 1) {
+      const TierMember& m = members[at];
       if (skip(m)) continue;
       if (best == nullptr || better(m, *best)) best = &m;
     }
     return best ? best->index : no_choice;
   };
-  if (n <= choices) return compare_all();
+  // Tiny tiers: comparing every member is cheaper than drawing distinct candidates.
+  if (n <= choices || (choices > 1 && n <= 4)) return compare_all();
 
   const TierMember* drawn[max_choice_count];
   std::size_t got = 0;
