@@ -23,6 +23,8 @@ enum class Errc {
   unavailable,      ///< a remote registry could not be reached or answered an error
   rejected,         ///< a guard refused an update (empty set, too much churn)
   too_large,        ///< data exceeds a configured capacity or limit
+  canceled,         ///< the operation was stopped on request (stop(), shutdown)
+  timeout,          ///< no answer within the configured time
 };
 
 /// Short stable name of an error code, e.g. "parse_error".
@@ -38,6 +40,8 @@ constexpr const char* to_string(Errc code) noexcept {
   case Errc::unavailable: return "unavailable";
   case Errc::rejected: return "rejected";
   case Errc::too_large: return "too_large";
+  case Errc::canceled: return "canceled";
+  case Errc::timeout: return "timeout";
   }
   return "unknown";
 }

@@ -1,0 +1,177 @@
+// What every registry watcher shares: guarded publication, last-known-good persistence,
+// status, callbacks, and an interruptible thread. Sources differ only in their loops.
+#pragma once
+
+#include <dynup/publisher.hpp>
+#include <dynup/result.hpp>
+#include <dynup/snapshot_file.hpp>
+#include <dynup/version.hpp>
+#include <dynup/watch/backoff.hpp>
+#include <dynup/watch/guard.hpp>
+#include <dynup/watch/status.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+
+DYNUP_NAMESPACE_BEGIN
+
+/// Options every watcher takes.
+struct WatchOptions {
+  /// Longest a blocking query may be held by the server (Consul caps it at 10 minutes).
+  std::chrono::milliseconds wait{std::chrono::minutes(5)};
+  std::chrono::milliseconds backoff_base{100};
+  std::chrono::milliseconds backoff_cap{30000};
+  /// Token bucket for requests: at most `burst` back to back, then one per interval, so
+  /// an index that changes constantly cannot make the loop spin.
+  std::chrono::milliseconds min_interval{50};
+  unsigned burst = 2;
+  Guards guards;
+  /// Last-known-good file: every published set is saved here, and it is loaded (and
+  /// marked stale) when the first fetch at start fails. Empty: none.
+  std::string snapshot_path;
+  /// Fail start() when the first fetch fails, instead of serving the snapshot or waiting.
+  bool strong_dependency = false;
+};
+
+using PublishCallback = std::function<void(const Snapshot&)>;
+using ErrorCallback = std::function<void(const Error&)>;
+
+namespace detail {
+
+/// The shared half of a watcher. Methods other than status() and stop_requested() are
+/// called only by the watcher's own thread (or by start() before that thread exists).
+class WatcherCore {
+public:
+  WatcherCore(Publisher& publisher, std::string source, WatchOptions options, PublishCallback on_publish,
+              ErrorCallback on_error)
+      : publisher_(publisher), options_(std::move(options)), on_publish_(std::move(on_publish)),
+        on_error_(std::move(on_error)), backoff_(options_.backoff_base, options_.backoff_cap) {
+    status_.source = std::move(source);
+  }
+
+  const WatchOptions& options() const noexcept { return options_; }
+  Publisher& publisher() noexcept { return publisher_; }
+
+  /// A fetch succeeded: clears the error state and the backoff.
+  void succeeded(std::uint64_t index) {
+    backoff_.reset();
+    std::lock_guard<std::mutex> lock(mu_);
+    status_.last_index = index;
+    status_.last_success = std::chrono::system_clock::now();
+    status_.last_error.clear();
+    status_.consecutive_failures = 0;
+    status_.current_backoff = std::chrono::milliseconds(0);
+  }
+
+  /// Publishes `set` unless a guard refuses it; saves it as last-known-good when it is
+  /// new. A refusal is reported like an error and leaves the served set in place.
+  void offer(PeerSet set) {
+    if (auto g = check_guards(options_.guards, *publisher_.snapshot(), set); !g) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        status_.last_error = g.error().message();
+        status_.stale = true;
+      }
+      report(g.error());
+      return;
+    }
+    auto outcome = publisher_.publish(std::move(set));
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      status_.stale = false;
+      if (outcome.published) ++status_.publish_count;
+    }
+    if (!outcome.published) return;
+    const Snapshot& now = publisher_.snapshot();
+    if (!options_.snapshot_path.empty()) {
+      if (auto saved = save_snapshot(options_.snapshot_path, *now); !saved)
+        report(saved.error().with_context("saving the last-known-good snapshot"));
+    }
+    if (on_publish_) {
+      try {
+        on_publish_(now);
+      } catch (...) {
+        // A throwing callback must not end the watch; the set is published.
+      }
+    }
+  }
+
+  /// A fetch failed: records and reports it; returns the backoff to sleep.
+  std::chrono::milliseconds failed(const Error& e) {
+    auto delay = backoff_.next();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      status_.last_error = e.message();
+      ++status_.consecutive_failures;
+      status_.current_backoff = delay;
+    }
+    report(e);
+    return delay;
+  }
+
+  /// Loads the last-known-good snapshot into the publisher, marked stale. Reports and
+  /// returns false when there is none or it is unreadable.
+  bool load_fallback() {
+    if (options_.snapshot_path.empty()) return false;
+    auto loaded = load_snapshot(options_.snapshot_path);
+    if (!loaded) {
+      report(loaded.error().with_context("last-known-good snapshot"));
+      return false;
+    }
+    std::uint64_t index = loaded->set.source_index();
+    publisher_.publish(std::move(loaded->set));
+    std::lock_guard<std::mutex> lock(mu_);
+    status_.stale = true;
+    status_.last_index = index;
+    ++status_.publish_count;
+    return true;
+  }
+
+  void report(const Error& e) {
+    if (!on_error_) return;
+    try {
+      on_error_(e);
+    } catch (...) {
+    }
+  }
+
+  WatcherStatus status() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return status_;
+  }
+
+  /// Sleeps up to `d`; returns false at once when stop was requested.
+  bool sleep_for(std::chrono::milliseconds d) {
+    std::unique_lock<std::mutex> lock(sleep_mu_);
+    return !sleep_cv_.wait_for(lock, d, [&] { return stopping_.load(std::memory_order_acquire); });
+  }
+
+  void request_stop() noexcept {
+    {
+      std::lock_guard<std::mutex> lock(sleep_mu_);
+      stopping_.store(true, std::memory_order_release);
+    }
+    sleep_cv_.notify_all();
+  }
+  bool stop_requested() const noexcept { return stopping_.load(std::memory_order_acquire); }
+
+private:
+  Publisher& publisher_;
+  const WatchOptions options_;
+  const PublishCallback on_publish_;
+  const ErrorCallback on_error_;
+  Backoff backoff_;
+  mutable std::mutex mu_;
+  WatcherStatus status_;
+  std::mutex sleep_mu_;
+  std::condition_variable sleep_cv_;
+  std::atomic<bool> stopping_{false};
+};
+
+} // namespace detail
+DYNUP_NAMESPACE_END

@@ -1,0 +1,151 @@
+// The HTTP transport watchers use, behind an interface so tests and embedders can swap
+// it; cpp-httplib by default.
+#pragma once
+
+#include <dynup/result.hpp>
+#include <dynup/version.hpp>
+
+#include <httplib.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cctype>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+DYNUP_NAMESPACE_BEGIN
+
+using HttpHeaders = std::vector<std::pair<std::string, std::string>>;
+
+/// One request. `target` is the path plus an already encoded query string.
+struct HttpRequest {
+  std::string method = "GET";
+  std::string target;
+  HttpHeaders headers;
+  std::string body;
+  std::string content_type; ///< for a body; empty for none
+  /// Longest wait for the response to start and between body bytes. A blocking query
+  /// sets it above the server's hold time (Consul: wait + wait/16 + margin).
+  std::chrono::milliseconds read_timeout{10000};
+};
+
+/// One response. Header names keep the server's case; `header` ignores case.
+struct HttpResponse {
+  int status = 0;
+  HttpHeaders headers;
+  std::string body;
+
+  /// The first header with this name, compared case-insensitively, or nullptr.
+  const std::string* header(std::string_view name) const noexcept {
+    for (const auto& [k, v] : headers) {
+      if (k.size() != name.size()) continue;
+      bool same = true;
+      for (std::size_t i = 0; i < k.size() && same; ++i)
+        same = std::tolower(static_cast<unsigned char>(k[i])) == std::tolower(static_cast<unsigned char>(name[i]));
+      if (same) return &v;
+    }
+    return nullptr;
+  }
+};
+
+/// A connection to one server. `send` and `stream` are called by one thread (the
+/// watcher's); `cancel` may be called from any thread and makes an in-flight or later
+/// call return Errc::canceled promptly, whatever its timeout.
+class Transport {
+public:
+  virtual ~Transport() = default;
+
+  /// Sends `req` and returns the whole response, or an error (Errc::unavailable for a
+  /// connection failure, Errc::timeout, Errc::canceled). An HTTP error status is a
+  /// response, not an error.
+  virtual Result<HttpResponse> send(const HttpRequest& req) = 0;
+
+  /// Sends `req` and hands the body to `on_body` piece by piece as it arrives (a
+  /// streaming response such as an etcd watch); `on_body` returns false to stop reading.
+  /// Returns the status and headers (body empty) once the stream ends.
+  virtual Result<HttpResponse> stream(const HttpRequest& req,
+                                      const std::function<bool(std::string_view)>& on_body) = 0;
+
+  /// Aborts any in-flight call and every later one. Thread-safe, idempotent.
+  virtual void cancel() noexcept = 0;
+};
+
+/// Options of the default transport.
+struct HttpTransportOptions {
+  std::chrono::milliseconds connect_timeout{2000};
+  std::chrono::milliseconds write_timeout{5000};
+};
+
+/// The default Transport: cpp-httplib, plain HTTP, one keep-alive connection reused
+/// across requests.
+class HttplibTransport final : public Transport {
+public:
+  HttplibTransport(std::string host, std::uint16_t port, HttpTransportOptions options = {})
+      : client_(host, port) {
+    client_.set_keep_alive(true);
+    client_.set_connection_timeout(options.connect_timeout);
+    client_.set_write_timeout(options.write_timeout);
+  }
+
+  Result<HttpResponse> send(const HttpRequest& req) override { return run(req, nullptr); }
+
+  Result<HttpResponse> stream(const HttpRequest& req,
+                              const std::function<bool(std::string_view)>& on_body) override {
+    return run(req, &on_body);
+  }
+
+  void cancel() noexcept override {
+    canceled_.store(true, std::memory_order_release);
+    client_.stop(); // shuts the socket down under a blocked read
+  }
+
+private:
+  Result<HttpResponse> run(const HttpRequest& req, const std::function<bool(std::string_view)>* on_body) {
+    if (canceled_.load(std::memory_order_acquire)) return Error(Errc::canceled, "transport canceled");
+    client_.set_read_timeout(req.read_timeout);
+    httplib::Request r;
+    r.method = req.method;
+    r.path = req.target;
+    for (const auto& [k, v] : req.headers) r.headers.emplace(k, v);
+    if (!req.body.empty() || !req.content_type.empty()) {
+      r.body = req.body;
+      if (!req.content_type.empty()) r.headers.emplace("Content-Type", req.content_type);
+    }
+    if (on_body != nullptr) {
+      r.content_receiver = [on_body](const char* data, std::size_t n, std::uint64_t, std::uint64_t) {
+        return (*on_body)(std::string_view(data, n));
+      };
+    }
+    httplib::Response res;
+    httplib::Error err = httplib::Error::Success;
+    bool ok = client_.send(r, res, err);
+    if (canceled_.load(std::memory_order_acquire)) return Error(Errc::canceled, "transport canceled");
+    if (!ok) {
+      // A receiver that asked to stop ends the stream on purpose.
+      if (on_body != nullptr && err == httplib::Error::Canceled) return head_of(res);
+      // A read timeout and a dropped connection look alike here: both are "unavailable".
+      return Error(Errc::unavailable, std::string("HTTP ") + req.method + " " + req.target.substr(0, req.target.find('?')) +
+                                          " failed: " + httplib::to_string(err));
+    }
+    return head_of(res, on_body == nullptr);
+  }
+
+  static HttpResponse head_of(httplib::Response& res, bool with_body = false) {
+    HttpResponse out;
+    out.status = res.status;
+    for (const auto& [k, v] : res.headers) out.headers.emplace_back(k, v);
+    if (with_body) out.body = std::move(res.body);
+    return out;
+  }
+
+  httplib::Client client_;
+  std::atomic<bool> canceled_{false};
+};
+
+DYNUP_NAMESPACE_END
