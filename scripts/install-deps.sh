@@ -8,6 +8,7 @@ packages=(
   nlohmann-json3-dev libcpp-httplib-dev # dependencies of the library
   doctest-dev libbenchmark-dev          # tests and benchmarks
   nginx                                 # real nginx 1.22: the policies are checked against it
+  etcd-server                           # real etcd 3.4: the etcd source is tested against it
 )
 
 missing=()
@@ -25,7 +26,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 echo "install-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
-# Packaged services (nginx) must not start on install: tests start their own servers
+# Packaged services (nginx, etcd) must not start on install: tests start their own servers
 # on free loopback ports. policy-rc.d exit 101 is Debian's "do not start" answer.
 policy=/usr/sbin/policy-rc.d
 made_policy=""

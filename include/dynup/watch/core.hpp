@@ -22,7 +22,8 @@ DYNUP_NAMESPACE_BEGIN
 
 /// Options every watcher takes.
 struct WatchOptions {
-  /// Longest a blocking query may be held by the server (Consul caps it at 10 minutes).
+  /// Longest a blocking query may be held by the server (Consul caps it at 10 minutes);
+  /// 0 or less means the 5-minute default.
   std::chrono::milliseconds wait{std::chrono::minutes(5)};
   std::chrono::milliseconds backoff_base{100};
   std::chrono::milliseconds backoff_cap{30000};
@@ -57,13 +58,15 @@ public:
   const WatchOptions& options() const noexcept { return options_; }
   Publisher& publisher() noexcept { return publisher_; }
 
-  /// A fetch succeeded: clears the error state and the backoff.
+  /// A fetch succeeded: clears the failure state and the backoff. A guard refusal still
+  /// stands (the source still holds the refused set), so it stays the error and stale.
   void succeeded(std::uint64_t index) {
     backoff_.reset();
     std::lock_guard<std::mutex> lock(mu_);
     status_.last_index = index;
     status_.last_success = std::chrono::system_clock::now();
-    status_.last_error.clear();
+    status_.last_error = refusal_;
+    status_.stale = !refusal_.empty();
     status_.consecutive_failures = 0;
     status_.current_backoff = std::chrono::milliseconds(0);
   }
@@ -74,7 +77,8 @@ public:
     if (auto g = check_guards(options_.guards, *publisher_.snapshot(), set); !g) {
       {
         std::lock_guard<std::mutex> lock(mu_);
-        status_.last_error = g.error().message();
+        refusal_ = g.error().message();
+        status_.last_error = refusal_;
         status_.stale = true;
       }
       report(g.error());
@@ -83,6 +87,8 @@ public:
     auto outcome = publisher_.publish(std::move(set));
     {
       std::lock_guard<std::mutex> lock(mu_);
+      refusal_.clear();
+      status_.last_error.clear();
       status_.stale = false;
       if (outcome.published) ++status_.publish_count;
     }
@@ -92,16 +98,11 @@ public:
       if (auto saved = save_snapshot(options_.snapshot_path, *now); !saved)
         report(saved.error().with_context("saving the last-known-good snapshot"));
     }
-    if (on_publish_) {
-      try {
-        on_publish_(now);
-      } catch (...) {
-        // A throwing callback must not end the watch; the set is published.
-      }
-    }
+    notify_published();
   }
 
-  /// A fetch failed: records and reports it; returns the backoff to sleep.
+  /// A fetch failed: records and reports it; returns the backoff to sleep. The set
+  /// served, if any, is now stale: what the source holds is unknown.
   std::chrono::milliseconds failed(const Error& e) {
     auto delay = backoff_.next();
     {
@@ -109,6 +110,7 @@ public:
       status_.last_error = e.message();
       ++status_.consecutive_failures;
       status_.current_backoff = delay;
+      status_.stale = publisher_.version() != 0;
     }
     report(e);
     return delay;
@@ -124,12 +126,25 @@ public:
       return false;
     }
     std::uint64_t index = loaded->set.source_index();
-    publisher_.publish(std::move(loaded->set));
-    std::lock_guard<std::mutex> lock(mu_);
-    status_.stale = true;
-    status_.last_index = index;
-    ++status_.publish_count;
+    auto outcome = publisher_.publish(std::move(loaded->set));
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      status_.stale = true;
+      status_.last_index = index;
+      if (outcome.published) ++status_.publish_count;
+    }
+    // The embedder builds its tables from this callback: it must hear of this set too.
+    if (outcome.published) notify_published();
     return true;
+  }
+
+  void notify_published() {
+    if (!on_publish_) return;
+    try {
+      on_publish_(publisher_.snapshot());
+    } catch (...) {
+      // A throwing callback must not end the watch; the set is published.
+    }
   }
 
   void report(const Error& e) {
@@ -168,6 +183,7 @@ private:
   Backoff backoff_;
   mutable std::mutex mu_;
   WatcherStatus status_;
+  std::string refusal_; ///< the standing guard refusal, empty when the last offer was accepted
   std::mutex sleep_mu_;
   std::condition_variable sleep_cv_;
   std::atomic<bool> stopping_{false};

@@ -17,7 +17,7 @@ struct WatcherStatus {
   std::string source;        ///< the spec, never with credentials
   std::uint64_t last_index = 0;
   std::optional<std::chrono::system_clock::time_point> last_success;
-  std::string last_error;    ///< empty once an attempt succeeds
+  std::string last_error;    ///< empty once an attempt succeeds and its set is accepted
   std::uint64_t consecutive_failures = 0;
   std::chrono::milliseconds current_backoff{0};
   bool stale = false;        ///< the set served is older than what the source holds (or unknown)

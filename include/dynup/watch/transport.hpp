@@ -8,9 +8,9 @@
 #include <httplib.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cctype>
+#include <condition_variable>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -100,14 +100,57 @@ public:
     return run(req, &on_body);
   }
 
+  /// Returns once no call is in flight (within milliseconds, or the connect timeout when
+  /// a connection attempt is under way).
   void cancel() noexcept override {
-    canceled_.store(true, std::memory_order_release);
-    client_.stop(); // shuts the socket down under a blocked read
+    std::unique_lock<std::mutex> lock(mu_);
+    canceled_ = true;
+    // client_.stop() only reaches a connection that is open: a call that is still
+    // connecting would miss it and then block for its whole read timeout. Repeat.
+    while (in_flight_) {
+      lock.unlock();
+      client_.stop(); // shuts the socket down under a blocked read
+      lock.lock();
+      idle_.wait_for(lock, std::chrono::milliseconds(5), [&] { return !in_flight_; });
+    }
+    lock.unlock();
+    client_.stop(); // an idle keep-alive connection
   }
 
 private:
+  // Marks one call in flight for cancel(); false when canceled already.
+  class InFlight {
+  public:
+    explicit InFlight(HttplibTransport& t) : t_(t) {
+      std::lock_guard<std::mutex> lock(t_.mu_);
+      entered_ = !t_.canceled_;
+      if (entered_) t_.in_flight_ = true;
+    }
+    ~InFlight() {
+      if (!entered_) return;
+      {
+        std::lock_guard<std::mutex> lock(t_.mu_);
+        t_.in_flight_ = false;
+      }
+      t_.idle_.notify_all();
+    }
+    InFlight(const InFlight&) = delete;
+    InFlight& operator=(const InFlight&) = delete;
+    bool entered() const noexcept { return entered_; }
+
+  private:
+    HttplibTransport& t_;
+    bool entered_ = false;
+  };
+
+  bool canceled() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return canceled_;
+  }
+
   Result<HttpResponse> run(const HttpRequest& req, const std::function<bool(std::string_view)>* on_body) {
-    if (canceled_.load(std::memory_order_acquire)) return Error(Errc::canceled, "transport canceled");
+    InFlight flight(*this);
+    if (!flight.entered()) return Error(Errc::canceled, "transport canceled");
     client_.set_read_timeout(req.read_timeout);
     httplib::Request r;
     r.method = req.method;
@@ -125,7 +168,7 @@ private:
     httplib::Response res;
     httplib::Error err = httplib::Error::Success;
     bool ok = client_.send(r, res, err);
-    if (canceled_.load(std::memory_order_acquire)) return Error(Errc::canceled, "transport canceled");
+    if (canceled()) return Error(Errc::canceled, "transport canceled");
     if (!ok) {
       // A receiver that asked to stop ends the stream on purpose.
       if (on_body != nullptr && err == httplib::Error::Canceled) return head_of(res);
@@ -145,7 +188,10 @@ private:
   }
 
   httplib::Client client_;
-  std::atomic<bool> canceled_{false};
+  std::mutex mu_;
+  std::condition_variable idle_;
+  bool canceled_ = false;  ///< guarded by mu_
+  bool in_flight_ = false; ///< guarded by mu_
 };
 
 DYNUP_NAMESPACE_END

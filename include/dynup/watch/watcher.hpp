@@ -96,7 +96,9 @@ private:
   // One request at the current index and everything that follows from its answer.
   // Returns the error when the request or its decoding failed.
   Result<void> fetch_once() {
-    auto wait = core_.options().wait;
+    // No wait would leave the server's default hold (Consul: 5 minutes) with a read
+    // timeout of only the margin: ask for that default explicitly instead.
+    auto wait = core_.options().wait.count() > 0 ? core_.options().wait : WatchOptions{}.wait;
     HttpRequest req = source_.request(index_, wait);
     req.read_timeout = index_ == 0 ? plain_read_timeout : wait + wait / 16 + read_margin;
     auto res = transport_->send(req);
