@@ -125,7 +125,8 @@ public:
 
   std::vector<std::string> ids() const {
     std::vector<std::string> out;
-    for (const auto& p : *publisher.current()) out.push_back(p.id);
+    dynup::Snapshot set = publisher.current(); // held: a temporary would die before the loop
+    for (const auto& p : *set) out.push_back(p.id);
     return out;
   }
   bool has_ids(const std::vector<std::string>& want) const { return ids() == want; }

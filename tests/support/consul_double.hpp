@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -330,6 +331,9 @@ private:
   void start(std::uint16_t port) {
     auto server = std::make_unique<httplib::Server>();
     server->new_task_queue = [] { return new httplib::ThreadPool(6); };
+    // Consul's Go server disables Nagle (Go's default for TCP): without this every held
+    // answer would sit ~40 ms behind the client's delayed ACK.
+    server->set_tcp_nodelay(true);
     server->set_socket_options([](int sock) {
       int yes = 1;
       ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
@@ -387,9 +391,26 @@ private:
   // Shuts down accepted connections on our port (all, or the one from `peer_port`).
   // cpp-httplib gives handlers no socket, so the descriptors are found by address.
   void drop_connections(int peer_port) const {
-    DIR* dir = ::opendir("/proc/self/fd");
-    if (!dir) return;
+    for (int fd : connection_fds(peer_port)) ::shutdown(fd, SHUT_RDWR);
+  }
+
+  // True when the client on `peer_port` has closed its end (or the socket is gone). A
+  // held request notices this, as Consul's HTTP server cancels a blocking query whose
+  // client went away, instead of occupying a pool thread until the wait runs out.
+  bool client_gone(int peer_port) const {
+    for (int fd : connection_fds(peer_port)) {
+      char byte = 0;
+      ssize_t n = ::recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+      return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+    }
+    return true;
+  }
+
+  // The accepted sockets of this double whose peer is `peer_port` (all when negative).
+  std::vector<int> connection_fds(int peer_port) const {
     std::vector<int> fds;
+    DIR* dir = ::opendir("/proc/self/fd");
+    if (!dir) return fds;
     while (dirent* e = ::readdir(dir)) {
       if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
       int fd = std::atoi(e->d_name);
@@ -404,7 +425,7 @@ private:
       fds.push_back(fd);
     }
     ::closedir(dir);
-    for (int fd : fds) ::shutdown(fd, SHUT_RDWR);
+    return fds;
   }
 
   static void plain(httplib::Response& res, int status, const std::string& text) {
@@ -512,8 +533,20 @@ private:
       if (jitter_ == ConsulJitter::random)
         jitter = std::chrono::milliseconds(std::uniform_int_distribution<std::int64_t>(0, (wait / 16).count())(rng_));
       auto deadline = std::chrono::steady_clock::now() + wait + jitter;
+      auto done = [&] { return closing_ || resource_index(kind, req) > min_index; };
       ++held_;
-      cv_.wait_until(lock, deadline, [&] { return closing_ || resource_index(kind, req) > min_index; });
+      while (!done() && std::chrono::steady_clock::now() < deadline) {
+        cv_.wait_until(lock, std::min(deadline, std::chrono::steady_clock::now() + std::chrono::milliseconds(50)),
+                       done);
+        if (done()) break;
+        lock.unlock();
+        bool gone = client_gone(req.remote_port);
+        lock.lock();
+        if (gone) {
+          --held_;
+          return; // nobody to answer
+        }
+      }
       --held_;
       if (closing_) {
         // A dying agent answers nothing: drop the connection before httplib can write.

@@ -136,7 +136,9 @@ std::vector<ConsulInstance> instances(std::initializer_list<std::uint16_t> ports
 
 Ports ports_of(const Publisher& pub) {
   Ports out;
-  for (const auto& p : *pub.current()) out.push_back(p.port);
+  // Hold the set: `*pub.current()` in the range-for would leave it to the temporary.
+  dynup::Snapshot set = pub.current();
+  for (const auto& p : *set) out.push_back(p.port);
   std::sort(out.begin(), out.end());
   return out;
 }
