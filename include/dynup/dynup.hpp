@@ -11,6 +11,16 @@
 #include <dynup/snapshot_file.hpp>
 #include <dynup/source/spec.hpp>
 #include <dynup/source/file.hpp>
+#include <dynup/source/consul.hpp>
+#include <dynup/source/etcd.hpp>
 #include <dynup/watch/status.hpp>
 #include <dynup/watch/guard.hpp>
+#include <dynup/watch/backoff.hpp>
+#include <dynup/watch/transport.hpp>
+#include <dynup/watch/core.hpp>
 #include <dynup/watch/file_watcher.hpp>
+#include <dynup/watch/watcher.hpp>
+#include <dynup/watch/etcd_watcher.hpp>
+#include <dynup/watch/any.hpp>
+#include <dynup/health/view.hpp>
+#include <dynup/balance/policy.hpp>

@@ -229,12 +229,15 @@ TEST_CASE("dynup-watch --allow-empty prints an empty peer list") {
   CHECK(parse_version_line(out.substr(0, out.size() - 1))["peers"].empty());
 }
 
-TEST_CASE("dynup-watch rejects an unknown scheme with exit 2") {
-  Process p = watch({"gopher://example.com/peers"});
+TEST_CASE("dynup-watch rejects an unknown scheme with exit 2, naming the supported ones") {
+  Process p = watch({"zk://127.0.0.1:2181/upstreams/api"});
   auto st = p.wait_exit(line_timeout);
   REQUIRE(st.has_value());
   CHECK(st->code == 2);
-  CHECK(p.read_all(Stream::err, line_timeout).find("gopher") != std::string::npos);
+  std::string err = p.read_all(Stream::err, line_timeout);
+  CHECK(err.find("unknown scheme \"zk\"") != std::string::npos);
+  for (const char* scheme : {"file://", "consul://", "etcd://"}) CHECK(err.find(scheme) != std::string::npos);
+  CHECK(p.read_all(Stream::out, line_timeout).empty());
 }
 
 TEST_CASE("dynup-watch --help prints the usage on stdout and exits 0") {

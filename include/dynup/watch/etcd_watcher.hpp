@@ -148,7 +148,8 @@ private:
   // One watch stream, from state_.revision + 1 until it ends. `why` is set for `failed`.
   StreamEnd watch(Error& why) {
     using clock = std::chrono::steady_clock;
-    const auto wait = core_.options().wait;
+    // 0 or less means the default, as for every watcher (WatchOptions::wait).
+    const auto wait = core_.options().wait.count() > 0 ? core_.options().wait : WatchOptions{}.wait;
     EtcdWatchStream stream;
     bool created = false;
     std::optional<StreamEnd> end;

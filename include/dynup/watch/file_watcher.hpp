@@ -30,6 +30,7 @@ struct FileWatchOptions {
   std::string path;
   /// Fallback re-check period: catches what inotify cannot see (a symlink swapped in
   /// another directory, network file systems, a directory that was recreated).
+  /// 0 or less means the default, 1 s (a zero period would spin).
   std::chrono::milliseconds poll_interval{1000};
   /// After a change notification, wait this long for more writes before reading, so a
   /// writer's half-written file is rarely seen (and if seen, reported then corrected).
@@ -55,7 +56,7 @@ public:
 
   FileWatcher(Publisher& publisher, FileWatchOptions options, PublishCallback on_publish = {},
               ErrorCallback on_error = {})
-      : publisher_(publisher), options_(std::move(options)), on_publish_(std::move(on_publish)),
+      : publisher_(publisher), options_(with_defaults(std::move(options))), on_publish_(std::move(on_publish)),
         on_error_(std::move(on_error)) {
     status_.source = "file://" + options_.path;
     auto slash = options_.path.rfind('/');
@@ -66,8 +67,15 @@ public:
     // Without inotify (limits reached, exotic file systems) the poll alone still works.
     inotify_fd_ = ::inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
     add_watch();
-    check(true);
-    thread_ = std::thread([this] { run(); });
+    try {
+      check(true);
+      thread_ = std::thread([this] { run(); });
+    } catch (...) {
+      // No destructor runs for a constructor that throws: close what it opened.
+      if (inotify_fd_ >= 0) ::close(inotify_fd_);
+      ::close(stop_fd_);
+      throw;
+    }
   }
 
   ~FileWatcher() {
@@ -93,6 +101,11 @@ public:
   }
 
 private:
+  static FileWatchOptions with_defaults(FileWatchOptions o) {
+    if (o.poll_interval.count() <= 0) o.poll_interval = FileWatchOptions{}.poll_interval;
+    return o;
+  }
+
   // What stat(2) says about the file; any difference means "read it again".
   struct Signature {
     bool exists = false;
