@@ -173,6 +173,13 @@ public:
   /// The set this picker routes over.
   const Snapshot& set() const noexcept { return set_; }
 
+  /// The shared stats of the peer at `index` in set(), for status pages; null when the
+  /// policy keeps none or the index is out of range.
+  virtual const PeerStats* stats_at(std::size_t index) const noexcept {
+    (void)index;
+    return nullptr;
+  }
+
 protected:
   explicit Picker(Snapshot set) : set_(std::move(set)) {}
   Snapshot set_;
@@ -212,6 +219,12 @@ protected:
     }
   }
 
+public:
+  const PeerStats* stats_at(std::size_t index) const noexcept override {
+    return index < stats_.size() ? stats_[index] : nullptr;
+  }
+
+protected:
   bool is_tried(std::uint32_t i, const PickContext& ctx) const noexcept {
     return ctx.tried != nullptr && !ctx.tried->empty() && ctx.tried->contains(id_hash_[i]);
   }

@@ -182,6 +182,8 @@ public:
   explicit Watcher(std::unique_ptr<W> concrete)
       : impl_(concrete ? std::make_unique<detail::OwnedWatcher<W>>(std::move(concrete)) : nullptr) {}
 
+  /// An empty handle, as a moved-from one: stop() does nothing, status() is empty.
+  Watcher() noexcept = default;
   Watcher(Watcher&&) noexcept = default;
   /// Stops the watcher this one held, then takes `other`'s.
   Watcher& operator=(Watcher&& other) noexcept {
