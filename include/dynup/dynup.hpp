@@ -24,3 +24,9 @@
 #include <dynup/watch/any.hpp>
 #include <dynup/health/view.hpp>
 #include <dynup/balance/policy.hpp>
+#include <dynup/health/clock.hpp>
+#include <dynup/health/options.hpp>
+#include <dynup/health/tracker.hpp>
+#include <dynup/health/active.hpp>
+#include <dynup/upstream_config.hpp>
+#include <dynup/upstream.hpp>
