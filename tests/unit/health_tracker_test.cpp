@@ -892,6 +892,8 @@ TEST_CASE("every health option error names its JSON path") {
       {R"({"active": {"type": "http", "path": "healthz"}})",
        R"(health.active.path: expected a string starting with "/", got "healthz")"},
       {R"({"active": {"type": "http", "path": 5}})", R"(health.active.path: expected a string starting with "/", got 5)"},
+      {R"({"active": {"type": "http", "path": "/x HTTP/1.1\r\nX-Evil: 1"}})",
+       R"(health.active.path: contains a space or a control character (percent-encode it))"},
       {R"({"active": {"type": "http", "host_header": 5}})", "health.active.host_header: expected a string, got number"},
       {R"({"active": {"type": "http", "host_header": "a\r\nX-Evil: 1"}})",
        "health.active.host_header: contains a control character"},

@@ -183,8 +183,13 @@ inline Result<HealthOptions> health_options_from_json(const nlohmann::json& j, c
           a.kind = k == 0 ? ActiveCheckOptions::Kind::http
                           : k == 1 ? ActiveCheckOptions::Kind::tcp : ActiveCheckOptions::Kind::none;
         if (auto f = v.find("path"); f != v.end()) {
+          bool clean = f->is_string();
+          if (clean)
+            for (unsigned char c : f->get_ref<const std::string&>()) clean = clean && c > 0x20 && c != 0x7f;
           if (!f->is_string() || f->get_ref<const std::string&>().empty() || f->get_ref<const std::string&>()[0] != '/')
             r.bad(p + ".path", "expected a string starting with \"/\", got " + f->dump());
+          else if (!clean) // a space, CR or LF would break the request line or inject headers
+            r.bad(p + ".path", "contains a space or a control character (percent-encode it)");
           else
             a.path = f->get<std::string>();
         }
