@@ -62,7 +62,7 @@ void BM_PickReportBare(benchmark::State& state) {
   auto& up = upstream(static_cast<std::size_t>(state.range(0)));
   // The same picker the facade routes with, used directly.
   auto first = up.pick();
-  auto picker = first.table->picker;
+  auto picker = first.table()->picker;
   up.report(first, ok);
   for (auto _ : state) {
     auto s = picker->pick({});

@@ -12,6 +12,7 @@
 
 #include <dynup/balance/picker.hpp>
 #include <dynup/balance/policy.hpp>
+#include <dynup/detail/lease.hpp>
 #include <dynup/detail/rcu.hpp>
 #include <dynup/health/active.hpp>
 #include <dynup/health/clock.hpp>
@@ -24,6 +25,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -39,32 +41,78 @@ DYNUP_NAMESPACE_BEGIN
 
 namespace detail {
 
-/// One routing table: a set, its picker and its health, built together and immutable.
+/// One routing table: a set, its picker and its health, built together and immutable
+/// (but for the lease count of the selections that still point into it).
 struct UpstreamTable {
   Snapshot set;
   std::shared_ptr<const Picker> picker;
   HealthTracker::Peers health; ///< parallel to *set
   HealthReport report;         ///< what built the picker, for status()
   std::uint64_t number = 0;    ///< tables built so far, this one included
+  bool shared_stats = false;   ///< the picker's PeerStats are the ones inside `health`
+  mutable LeaseCount leases;   ///< selections not yet reported or cancelled
 };
 
 } // namespace detail
 
-/// A picked peer and what report() needs to account for it. Holds its routing table, so
-/// it stays valid however long the request takes and whatever is published meanwhile.
-/// Move it rather than copy it (a copy costs one atomic increment).
-struct UpstreamSelection {
+/// A picked peer and what report() needs to account for it. It leases its routing
+/// table, so `peer` stays valid however long the request takes and whatever is
+/// published meanwhile, until report() or cancel() ends the selection (the destructor
+/// cancels). Move-only; every selection must end before its Upstream is destroyed.
+class UpstreamSelection {
+public:
   const Peer* peer = nullptr; ///< host, port, id, meta; null when none could be picked
   Selection pick;             ///< the policy's selection (error says why when none)
-  std::shared_ptr<const detail::UpstreamTable> table;
+
+  UpstreamSelection() = default;
+  UpstreamSelection(UpstreamSelection&& o) noexcept { take(o); }
+  UpstreamSelection& operator=(UpstreamSelection&& o) noexcept {
+    if (this != &o) {
+      cancel();
+      take(o);
+    }
+    return *this;
+  }
+  UpstreamSelection(const UpstreamSelection&) = delete;
+  UpstreamSelection& operator=(const UpstreamSelection&) = delete;
+  ~UpstreamSelection() { cancel(); }
+
   explicit operator bool() const noexcept { return peer != nullptr; }
+
+  /// Ends the selection without a report: the request was never sent. Undoes the
+  /// in-flight count; no latency sample, no health report. Idempotent.
+  void cancel() noexcept {
+    if (!table_) return;
+    table_->picker->on_cancel(pick);
+    end();
+  }
+
+  /// The leased table; null once the selection ended.
+  const detail::UpstreamTable* table() const noexcept { return table_; }
+
+private:
+  friend class Upstream;
+  void take(UpstreamSelection& o) noexcept {
+    peer = o.peer;
+    pick = o.pick;
+    table_ = o.table_;
+    o.table_ = nullptr;
+    o.peer = nullptr;
+  }
+  void end() noexcept {
+    table_->leases.release();
+    table_ = nullptr;
+    peer = nullptr;
+  }
+  const detail::UpstreamTable* table_ = nullptr;
 };
 
 /// One upstream: a source watched, peers balanced by a policy, health tracked.
 ///
 /// Threads: pick() and report() from any number of request threads: lock-free and
-/// allocation-free (one atomic increment and decrement for the table a selection holds;
-/// a failure report may take a per-peer mutex). status() from any thread. The watcher,
+/// allocation-free (a selection's lease on its table is a count in the thread's own
+/// cache line, not a shared reference count; a failure report may take a per-peer
+/// mutex). status() from any thread. The watcher,
 /// the active checker and the rebuild thread are owned here; nothing is global, so any
 /// number of upstreams can live in one process. stop() (or the destructor) ends them.
 class Upstream {
@@ -104,27 +152,37 @@ public:
   Upstream(const Upstream&) = delete;
   Upstream& operator=(const Upstream&) = delete;
 
-  /// Picks a peer for one request (or one retry: put the tried ones in ctx.tried). On
-  /// success, report() must follow exactly once. noexcept, no allocation, no lock.
+  /// Picks a peer for one request (or one retry: put the tried ones in ctx.tried). A
+  /// selection with a peer must end: report() once the request ends, or cancel() (or
+  /// its destructor) when it is never sent. noexcept, no allocation, no lock.
   UpstreamSelection pick(const PickContext& ctx = {}) const noexcept {
-    const auto& table = tables_.get();
     UpstreamSelection out;
+    // This thread's cache holds `table` until its next get(): the lease is taken while
+    // that reference keeps the table reachable (see sweep()).
+    const auto& table = tables_.get();
     out.pick = table->picker->pick(ctx);
     if (!out.pick) return out;
+    table->leases.acquire();
     table->picker->on_start(out.pick);
     out.peer = out.pick.peer;
-    out.table = table;
+    out.table_ = table.get();
     return out;
   }
 
   /// How the request to `s` ended: feeds the policy (in-flight count, latency) and the
-  /// passive health checks. A selection without a peer is ignored. Call once per pick.
-  void report(const UpstreamSelection& s, const Outcome& outcome) noexcept {
-    if (!s.peer || !s.table) return;
-    s.table->picker->on_finish(s.pick, outcome);
-    if (s.pick.index < s.table->health.size() && tracker_.report(*s.table->health[s.pick.index], outcome))
+  /// passive health checks, and ends the selection (its peer becomes null). A selection
+  /// without a peer is ignored.
+  void report(UpstreamSelection& s, const Outcome& outcome) noexcept {
+    const detail::UpstreamTable* t = s.table_;
+    if (!t) return;
+    t->picker->on_finish(s.pick, outcome);
+    // A success on a peer with nothing to reset reads only the line on_finish wrote.
+    const bool quiet = t->shared_stats && s.pick.stats && tracker_.quiet(*s.pick.stats, outcome.status, outcome.connect_failure);
+    if (!quiet && s.pick.index < t->health.size() && tracker_.report(*t->health[s.pick.index], outcome))
       wake(false);
+    s.end();
   }
+  void report(UpstreamSelection&& s, const Outcome& outcome) noexcept { report(s, outcome); }
 
   /// Rebuilds the routing table now, on the calling thread, from the current set and
   /// health. For embedders that drive a ManualClock (tests); the rebuild thread does
@@ -159,6 +217,10 @@ public:
     if (table->report.panic) j["panic_reason"] = table->report.panic_reason;
     j["healthy_percent"] = table->report.healthy_percent;
     j["tables_built"] = table->number;
+    {
+      std::lock_guard<std::mutex> build_lock(build_mu_);
+      j["retained_tables"] = retired_.size(); // replaced, still leased by selections
+    }
     ordered_json peers = ordered_json::array();
     const PeerSet& set = *table->set;
     for (std::size_t i = 0; i < set.size(); ++i) {
@@ -208,7 +270,11 @@ public:
 private:
   Upstream(UpstreamConfig config, std::unique_ptr<Policy> policy, const Clock& clock)
       : config_(std::move(config)), clock_(clock), policy_(std::move(policy)), tracker_(config_.health, clock),
-        tables_(empty_table()) {}
+        tables_(empty_table()) {
+    // The policy's per-peer stats are the ones inside the health state: a pick and its
+    // report touch one line per peer.
+    policy_->share_stats([this](const Peer& p) { return tracker_.stats_of(p.id); });
+  }
 
   std::shared_ptr<const detail::UpstreamTable> empty_table() {
     auto t = std::make_shared<detail::UpstreamTable>();
@@ -253,25 +319,62 @@ private:
     }
     t->report = tracker_.view(*set, t->health);
     t->picker = policy_->build(set, t->report.view);
+    t->shared_stats = !set->empty();
+    for (std::size_t i = 0; i < set->size() && t->shared_stats; ++i)
+      t->shared_stats = i < t->health.size() && t->picker->stats_at(i) == &HealthTracker::stats_of(*t->health[i]);
     t->number = previous->number + 1;
     std::optional<Clock::time_point> next = t->report.next_change;
     tables_.store(std::move(t));
+    // Selections may still point into the previous table: keep it until they end.
+    retired_.push_back(std::move(previous));
+    sweep_locked();
     std::lock_guard<std::mutex> lock(mu_);
     next_change_ = next;
   }
 
+  // Frees the replaced tables no selection leases any more; true when some remain.
+  //
+  // A lease is taken only through a thread's RcuCell cache, on the table that cache
+  // holds, and a replaced table enters no cache again. So once use_count() is 1 (only
+  // retired_ holds it), no lease can be taken any more, and every thread that took one
+  // released its cached reference after counting it: that reference count decrement is
+  // a release, the acquire fence below pairs with it, and idle() sees every lease
+  // taken. (libstdc++'s use_count() is a relaxed atomic load.) A lease returned but not
+  // yet visible only postpones the free to the next sweep.
+  bool sweep() {
+    std::lock_guard<std::mutex> build_lock(build_mu_);
+    return sweep_locked();
+  }
+  bool sweep_locked() {
+    auto unused = [](const std::shared_ptr<const detail::UpstreamTable>& t) {
+      if (t.use_count() != 1) return false;
+      std::atomic_thread_fence(std::memory_order_acquire);
+      return t->leases.idle();
+    };
+    retired_.erase(std::remove_if(retired_.begin(), retired_.end(), unused), retired_.end());
+    return !retired_.empty();
+  }
+
   void run() {
+    using steady = std::chrono::steady_clock;
+    constexpr auto sweep_period = std::chrono::milliseconds(250);
     std::unique_lock<std::mutex> lock(mu_);
     while (!stopping_) {
+      lock.unlock();
+      const bool retiring = sweep();
+      lock.lock();
       auto ready = [&] { return stopping_ || set_changed_ || health_changed_; };
-      if (next_change_) {
-        // The health clock may not be the steady clock: wait the difference in real time.
-        auto in = *next_change_ - clock_.now();
-        if (in > Clock::duration::zero()) cv_.wait_for(lock, in, ready);
-      } else {
+      // The health clock may not be the steady clock: wait the difference in real time.
+      std::optional<steady::time_point> change_at;
+      if (next_change_) change_at = steady::now() + std::max(*next_change_ - clock_.now(), Clock::duration::zero());
+      std::optional<steady::time_point> wake_at = change_at;
+      if (retiring && (!wake_at || *wake_at > steady::now() + sweep_period)) wake_at = steady::now() + sweep_period;
+      if (wake_at)
+        cv_.wait_until(lock, *wake_at, ready);
+      else
         cv_.wait(lock, ready);
-      }
       if (stopping_) break;
+      if (!set_changed_ && !health_changed_ && !(change_at && steady::now() >= *change_at)) continue; // a sweep
       set_changed_ = false;
       health_changed_ = false;
       next_change_.reset();
@@ -290,7 +393,8 @@ private:
   std::optional<ActiveChecker> checker_;
   Watcher watcher_;
 
-  std::mutex build_mu_; // one rebuild at a time
+  mutable std::mutex build_mu_; // one rebuild at a time; guards retired_
+  std::vector<std::shared_ptr<const detail::UpstreamTable>> retired_;
   std::mutex mu_;       // guards the fields below
   std::condition_variable cv_;
   bool stopping_ = false;

@@ -9,6 +9,7 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <map>
 #include <memory>
@@ -193,8 +194,9 @@ TEST_CASE("upstream: a new file version reaches pick() without a reload") {
   write_by_rename(f.path, peers_doc({"10.0.0.2:80"}));
   REQUIRE(wait_until([&] {
     auto s = up->pick();
+    const bool moved = s && s.peer->id == "10.0.0.2:80";
     up->report(s, {1ms, 200, false});
-    return s && s.peer->id == "10.0.0.2:80";
+    return moved;
   }));
 }
 
@@ -205,9 +207,70 @@ TEST_CASE("upstream: a selection stays valid after its peer leaves the set") {
   REQUIRE(held);
   write_by_rename(f.path, peers_doc({"10.0.0.2:80"}));
   REQUIRE(wait_until([&] { return up->status()["peers"][0]["id"] == "10.0.0.2:80"; }));
-  CHECK(held.peer->id == "10.0.0.1:80"); // still readable: the selection holds its table
-  up->report(held, {1ms, 502, false});     // and reporting it is harmless
+  CHECK(held.peer->id == "10.0.0.1:80"); // still readable: the selection leases its table
+  CHECK(up->status()["retained_tables"] >= 1);
+  up->report(held, {1ms, 502, false}); // and reporting it is harmless
+  CHECK_FALSE(held);                   // report ended the selection
+  CHECK(held.table() == nullptr);
+  // The replaced table is freed once nothing leases it and no thread's cache holds it
+  // (this thread's does until its next pick); the rebuild thread sweeps.
+  CHECK(picks(*up, 1).size() == 1);
+  CHECK(wait_until([&] { return up->status()["retained_tables"] == 0; }));
   CHECK(picks(*up, 5) == std::map<std::string, int>{{"10.0.0.2:80", 5}});
+}
+
+TEST_CASE("upstream: a selection ends by report, cancel, destruction or move, exactly once") {
+  Fixture f({"10.0.0.1:80"});
+  auto up = start(f.config(json::object(), "least_request"));
+  auto in_flight = [&] {
+    auto st = up->status();
+    return st["peers"][0]["in_flight"].get<long>();
+  };
+  {
+    auto s = up->pick();
+    REQUIRE(s);
+    CHECK(in_flight() == 1);
+    s.cancel();
+    CHECK_FALSE(s);
+    CHECK(in_flight() == 0);
+    s.cancel(); // idempotent
+    up->report(s, {1ms, 502, false}); // an ended selection is ignored
+    CHECK(in_flight() == 0);
+  }
+  {
+    auto a = up->pick();
+    auto b = up->pick();
+    CHECK(in_flight() == 2);
+    dynup::UpstreamSelection moved = std::move(a);
+    CHECK_FALSE(a); // NOLINT(bugprone-use-after-move): moved-from is empty by contract
+    CHECK(moved);
+    moved = std::move(b); // the overwritten selection is cancelled
+    CHECK(in_flight() == 1);
+  } // the destructor cancels `moved`
+  CHECK(in_flight() == 0);
+  // A cancelled selection is not a failure: no passive report, no latency sample.
+  auto st = up->status();
+  CHECK(st["peers"][0]["state"] == "healthy");
+  CHECK(st["peers"][0]["ewma_ms"].is_null());
+}
+
+TEST_CASE("upstream: a success resets the consecutive-failure count through the shared stats line") {
+  // consecutive_5xx 3: two 5xx, a success, two 5xx never eject; three in a row do.
+  Fixture f({"10.0.0.1:80", "10.0.0.2:80"});
+  json health = {{"outlier", {{"consecutive_5xx", 3}, {"max_ejection_percent", 50}}}};
+  auto up = start(f.config(health));
+  auto ejected = [&] {
+    auto st = up->status();
+    return peer_status(st, "10.0.0.1:80")["available"] == false;
+  };
+  for (int round = 0; round < 3; ++round) {
+    fail_peer(*up, "10.0.0.1:80", 2, {1ms, 503, false});
+    fail_peer(*up, "10.0.0.1:80", 1, {1ms, 200, false});
+  }
+  up->refresh();
+  CHECK_FALSE(ejected());
+  fail_peer(*up, "10.0.0.1:80", 3, {1ms, 503, false});
+  CHECK(wait_until(ejected));
 }
 
 TEST_CASE("upstream: nginx max_fails takes a peer out for fail_timeout, then back") {
@@ -365,6 +428,75 @@ TEST_CASE("upstream: pick and report from several threads keep in-flight counts 
   for (auto& t : threads) t.join();
   auto st = up->status(); // held: the range-for would outlive a temporary
   for (const auto& p : st["peers"]) CHECK(p["in_flight"] == 0);
+}
+
+TEST_CASE("upstream: selections held across publishes stay readable; reports from other threads free the tables") {
+  // Request threads hold batches of selections while the set changes under them, then
+  // hand half of them to another thread to report. Under ASan a table freed while
+  // leased is a use-after-free on `peer`.
+  Fixture f({"10.0.0.1:80", "10.0.0.2:80"});
+  auto up = start(f.config(json::object(), "least_request"));
+  std::atomic<bool> done{false};
+  std::mutex handoff_mu;
+  std::vector<dynup::UpstreamSelection> handoff;
+  std::atomic<long> reported{0};
+  std::thread reporter([&] {
+    for (;;) {
+      std::vector<dynup::UpstreamSelection> batch;
+      {
+        std::lock_guard<std::mutex> lock(handoff_mu);
+        batch.swap(handoff);
+      }
+      for (auto& s : batch) {
+        CHECK(!s.peer->host.empty());
+        up->report(s, {1ms, 200, false});
+        ++reported;
+      }
+      if (batch.empty()) {
+        if (done) break;
+        std::this_thread::sleep_for(1ms);
+      }
+    }
+  });
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 3; ++t)
+    threads.emplace_back([&] {
+      while (!done) {
+        std::vector<dynup::UpstreamSelection> held;
+        for (int i = 0; i < 16; ++i) {
+          auto s = up->pick();
+          if (s) held.push_back(std::move(s));
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(200)); // a publish may land here
+        for (std::size_t i = 0; i < held.size(); ++i) {
+          CHECK(held[i].peer->port == 80);
+          if (i % 2 == 0) {
+            up->report(held[i], {1ms, 200, false});
+            ++reported;
+          }
+        }
+        std::lock_guard<std::mutex> lock(handoff_mu);
+        for (std::size_t i = 1; i < held.size(); i += 2) handoff.push_back(std::move(held[i]));
+      }
+    });
+  for (int v = 0; v < 20; ++v) {
+    write_by_rename(f.path, peers_doc({"10.0.0.1:80", "10.0.0." + std::to_string(3 + v) + ":80"}));
+    const std::string id = "10.0.0." + std::to_string(3 + v) + ":80";
+    CHECK(wait_until([&] {
+      auto st = up->status();
+      return !peer_status(st, id).is_null();
+    }));
+  }
+  done = true;
+  for (auto& t : threads) t.join();
+  reporter.join();
+  CHECK(reported > 0);
+  auto st = up->status();
+  for (const auto& p : st["peers"]) CHECK(p["in_flight"] == 0);
+  CHECK(st["tables_built"] > 20);
+  // The request threads have exited (their caches with them): every replaced table goes.
+  CHECK(picks(*up, 1).size() == 1);
+  CHECK(wait_until([&] { return up->status()["retained_tables"] == 0; }));
 }
 
 TEST_CASE("upstream: stop() is prompt and picks keep working on the last table") {

@@ -2,6 +2,7 @@
 // the request path); Picker::pick is noexcept, allocation-free and lock-free.
 #pragma once
 
+#include <dynup/balance/stats.hpp>
 #include <dynup/detail/hash.hpp>
 #include <dynup/health/view.hpp>
 #include <dynup/peer_set.hpp>
@@ -20,50 +21,6 @@
 #include <vector>
 
 DYNUP_NAMESPACE_BEGIN
-
-/// Mutable per-peer state shared by every picker built for the same peer id, so a peer
-/// that stays across an update keeps its counters. One cache line each: request threads
-/// updating two peers never write the same line.
-struct alignas(64) PeerStats {
-  std::atomic<std::int64_t> in_flight{0};
-  std::atomic<double> ewma_ns{-1.0};            ///< peak EWMA latency; < 0 before any sample
-  std::atomic<std::int64_t> ewma_stamp_ns{0};   ///< steady-clock time of the last sample
-};
-
-/// Per-peer stats keyed by id, owned by one Policy. `attach` is called by the thread
-/// that builds pickers (never concurrently with itself); the PeerStats it hands out stay
-/// valid while any picker holds them.
-class StatsRegistry {
-public:
-  /// Stats for each peer of `set`, in set order: existing entries for ids seen before,
-  /// new ones for new ids; ids no longer present are forgotten. O(n), allocates.
-  std::vector<std::shared_ptr<PeerStats>> attach(const PeerSet& set) {
-    ++round_;
-    std::vector<std::shared_ptr<PeerStats>> out;
-    out.reserve(set.size());
-    for (const Peer& p : set) {
-      auto it = by_id_.find(p.id);
-      if (it == by_id_.end()) it = by_id_.emplace(p.id, Entry{std::make_shared<PeerStats>(), 0}).first;
-      it->second.seen = round_;
-      out.push_back(it->second.stats);
-    }
-    if (by_id_.size() != set.size()) {
-      for (auto it = by_id_.begin(); it != by_id_.end();)
-        it = it->second.seen == round_ ? std::next(it) : by_id_.erase(it);
-    }
-    return out;
-  }
-  std::size_t size() const noexcept { return by_id_.size(); }
-
-private:
-  // Updated in place: an unchanged peer costs one lookup, no string copy or allocation.
-  struct Entry {
-    std::shared_ptr<PeerStats> stats;
-    std::uint64_t seen;
-  };
-  std::unordered_map<std::string, Entry> by_id_;
-  std::uint64_t round_ = 0;
-};
 
 /// Why a pick found no peer.
 enum class PickError : std::uint8_t {
@@ -167,6 +124,11 @@ public:
   }
   /// A request to `s` ended. Policies that learn from latency override this.
   virtual void on_finish(const Selection& s, const Outcome&) const noexcept {
+    if (s.stats) s.stats->in_flight.fetch_sub(1, std::memory_order_relaxed);
+  }
+  /// A request to `s` was never sent (the caller gave up before connecting): undoes
+  /// on_start without a latency sample or a health report.
+  void on_cancel(const Selection& s) const noexcept {
     if (s.stats) s.stats->in_flight.fetch_sub(1, std::memory_order_relaxed);
   }
 
@@ -289,6 +251,9 @@ public:
   virtual std::shared_ptr<const Picker> build(const Snapshot& set, const HealthView& health) = 0;
   /// Same, with registry health only.
   std::shared_ptr<const Picker> build(const Snapshot& set) { return build(set, HealthView::from_registry(*set)); }
+  /// Where the stats of new peer ids come from (see StatsRegistry::Provider). Before the
+  /// first build.
+  void share_stats(StatsRegistry::Provider provider) { stats_.set_provider(std::move(provider)); }
 
 protected:
   StatsRegistry stats_;

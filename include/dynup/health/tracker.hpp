@@ -5,6 +5,7 @@
 // thread calls attach() and view() and sleeps until the report's next_change.
 #pragma once
 
+#include <dynup/balance/stats.hpp>
 #include <dynup/health/clock.hpp>
 #include <dynup/health/options.hpp>
 #include <dynup/health/options_json.hpp>
@@ -52,8 +53,9 @@ class HealthTracker;
 /// One peer's health state machine. Made by HealthTracker::attach and opaque to everyone
 /// else: hand it back to report / report_active from any thread. Kept alive by the
 /// shared_ptr, so a request that outlives its peer's removal may still report to it
-/// (the report is ignored). One cache line for the hot field, so two peers' reports
-/// never share a line.
+/// (the report is ignored). Its first cache line is the peer's PeerStats, whose
+/// health_pending word is the one field a successful report reads: a policy given that
+/// PeerStats (HealthTracker::stats_of) touches one line per pick + report, not two.
 class alignas(64) PeerHealth {
   struct Private {
     explicit Private() = default;
@@ -72,9 +74,9 @@ private:
   using time_point = Clock::time_point;
   enum class Cause : std::uint8_t { none, consecutive_5xx, gateway };
 
-  // Non-zero while a failure counter is non-zero: the one field report()'s success path
-  // reads, without the lock. Written under mu_.
-  std::atomic<std::uint32_t> pending_{0};
+  // stats_.health_pending: non-zero while a failure counter is non-zero, the one field
+  // report()'s success path reads, without the lock. Written under mu_.
+  PeerStats stats_;
   std::mutex mu_;
   const std::string id_;
 
@@ -252,13 +254,30 @@ public:
   /// 0 when no response came (timeout, reset). Returns true when the peer's routing
   /// state changed (it went down or was ejected): wake the rebuild thread. Any thread.
   bool report(PeerHealth& h, int status, bool connect_failure) noexcept {
-    const bool no_reply = connect_failure || status == 0;
-    const bool passive_fail = options_.passive.max_fails > 0 && (no_reply || is_fail_status(status));
-    const bool is_5xx = options_.outlier.enabled && (no_reply || (status >= 500 && status <= 599));
-    if (!passive_fail && !is_5xx && h.pending_.load(std::memory_order_relaxed) == 0) return false;
-    const bool gateway = no_reply || status == 502 || status == 503 || status == 504;
-    return report_slow(h, passive_fail, is_5xx, gateway);
+    const Verdict v = classify(status, connect_failure);
+    if (!v.passive_fail && !v.is_5xx && h.stats_.health_pending.load(std::memory_order_relaxed) == 0)
+      return false;
+    return report_slow(h, v.passive_fail, v.is_5xx, v.gateway);
   }
+
+  /// True when report() of this outcome would do nothing: a success for a peer with no
+  /// failure counter to reset. `stats` must be the peer's own (stats_of), which lets a
+  /// caller that already holds it skip finding the PeerHealth. Any thread.
+  bool quiet(const PeerStats& stats, int status, bool connect_failure) const noexcept {
+    const Verdict v = classify(status, connect_failure);
+    return !v.passive_fail && !v.is_5xx && stats.health_pending.load(std::memory_order_relaxed) == 0;
+  }
+
+  /// The PeerStats inside the state of `id` (attached in the last attach()), sharing its
+  /// lifetime; null for an id not tracked. Give it to a Policy (Policy::share_stats) so a
+  /// pick and its report touch one line per peer. Rebuild thread only.
+  std::shared_ptr<PeerStats> stats_of(const std::string& id) const {
+    auto it = by_id_.find(id);
+    if (it == by_id_.end()) return nullptr;
+    return std::shared_ptr<PeerStats>(it->second.health, &it->second.health->stats_);
+  }
+  /// The PeerStats inside `h`.
+  static const PeerStats& stats_of(const PeerHealth& h) noexcept { return h.stats_; }
 
   /// Same, from anything with `status` and `connect_failure` members (dynup::Outcome).
   template <class O>
@@ -359,6 +378,18 @@ private:
     std::uint64_t seen;
   };
 
+  struct Verdict {
+    bool passive_fail; ///< counts toward max_fails
+    bool is_5xx;       ///< counts toward consecutive_5xx
+    bool gateway;      ///< counts toward consecutive_gateway_failure
+  };
+  Verdict classify(int status, bool connect_failure) const noexcept {
+    const bool no_reply = connect_failure || status == 0;
+    return {options_.passive.max_fails > 0 && (no_reply || is_fail_status(status)),
+            options_.outlier.enabled && (no_reply || (status >= 500 && status <= 599)),
+            no_reply || status == 502 || status == 503 || status == 504};
+  }
+
   bool is_fail_status(int status) const noexcept {
     if (status < 0 || status >= static_cast<int>(fail_status_bits_.size() * 64)) return false;
     return (fail_status_bits_[static_cast<std::size_t>(status) / 64] >> (status % 64)) & 1u;
@@ -366,7 +397,7 @@ private:
 
   static void update_pending(PeerHealth& h) noexcept {
     std::uint32_t bits = (h.fails_ ? 1u : 0u) | ((h.c5xx_ || h.cgw_ || h.refused_) ? 2u : 0u);
-    h.pending_.store(bits, std::memory_order_relaxed);
+    h.stats_.health_pending.store(bits, std::memory_order_relaxed);
   }
 
   // The locked part of report(): a failure, or a success that resets counters.
