@@ -1,46 +1,18 @@
 // Publisher: RCU-style publication of immutable peer sets inside one process.
 #pragma once
 
-#include <dynup/detail/slots.hpp>
+#include <dynup/detail/rcu.hpp>
 #include <dynup/peer_set.hpp>
 #include <dynup/version.hpp>
 
-#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
-#include <vector>
 
 DYNUP_NAMESPACE_BEGIN
 
 /// A published set. Holding one keeps that set alive across later publishes.
 using Snapshot = std::shared_ptr<const PeerSet>;
-
-namespace detail {
-
-// A thread's cached view of one publisher. `owner` is the publisher's unique
-// generation, so a slot left behind by a destroyed publisher never matches a new one.
-struct SnapshotCacheSlot {
-  std::uint64_t owner = 0;
-  std::uint64_t version = 0;
-  Snapshot set;
-};
-
-// Slots are indexed by a small per-publisher number that is recycled when a publisher
-// dies; the unique_ptr keeps each slot's address stable while the vector grows.
-inline std::vector<std::unique_ptr<SnapshotCacheSlot>>& snapshot_cache() noexcept {
-  static thread_local std::vector<std::unique_ptr<SnapshotCacheSlot>> slots;
-  return slots;
-}
-
-inline SlotNumbers& publisher_slots() {
-  // Never destroyed: objects in static storage (an embedder's global policy or
-  // publisher) may release their number after other statics are gone.
-  static SlotNumbers* numbers = new SlotNumbers;
-  return *numbers;
-}
-
-} // namespace detail
 
 /// What `publish` did.
 struct PublishOutcome {
@@ -62,12 +34,7 @@ struct PublishOutcome {
 /// equals the current one is not published.
 class Publisher {
 public:
-  Publisher()
-      : generation_(detail::next_generation()),
-        slot_(detail::publisher_slots().acquire()),
-        current_(std::make_shared<const PeerSet>()) {}
-
-  ~Publisher() { detail::publisher_slots().release(slot_); }
+  Publisher() : cell_(std::make_shared<const PeerSet>()) {}
 
   Publisher(const Publisher&) = delete;
   Publisher& operator=(const Publisher&) = delete;
@@ -76,62 +43,32 @@ public:
   /// The reference stays valid until this thread calls snapshot() on this publisher
   /// again; copy it to hold the set longer. noexcept except for the one-time growth of
   /// this thread's cache, which allocates on a thread's first read of a publisher.
-  const Snapshot& snapshot() const {
-    auto& slots = detail::snapshot_cache();
-    if (slot_ < slots.size()) {
-      detail::SnapshotCacheSlot& s = *slots[slot_];
-      if (s.owner == generation_ && s.version == version_.load(std::memory_order_acquire))
-        return s.set;
-    }
-    return refresh();
-  }
+  const Snapshot& snapshot() const { return cell_.get(); }
 
   /// The current set, read under the lock; for callers that want to keep a reference.
-  Snapshot current() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return current_;
-  }
+  Snapshot current() const { return cell_.load(); }
 
   /// The current version (0 before the first publish). One atomic load.
-  std::uint64_t version() const noexcept { return version_.load(std::memory_order_acquire); }
+  std::uint64_t version() const noexcept { return cell_.version(); }
 
   /// Makes `set` current unless its content equals the current set's. Assigns the next
   /// version. O(1) apart from the content comparison when the hashes are equal.
   PublishOutcome publish(PeerSet set) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (version_.load(std::memory_order_relaxed) != 0 && set.same_content(*current_))
-      return {false, current_->version()};
-    set.version_ = current_->version() + 1;
-    std::uint64_t v = set.version_;
-    Snapshot next = std::make_shared<const PeerSet>(std::move(set));
-    current_.swap(next);
-    version_.store(v, std::memory_order_release);
-    // `next` now holds the previous set; it is freed on return unless a reader or a
+    Snapshot current = cell_.load();
+    if (cell_.version() != 0 && set.same_content(*current)) return {false, current->version()};
+    // One store per published set, so the cell's store count is the set's version.
+    set.version_ = current->version() + 1;
+    const std::uint64_t v = set.version_;
+    cell_.store(std::make_shared<const PeerSet>(std::move(set)));
+    // `current` still holds the previous set; it is freed on return unless a reader or a
     // thread cache still holds it.
     return {true, v};
   }
 
 private:
-  const Snapshot& refresh() const {
-    auto& slots = detail::snapshot_cache();
-    while (slots.size() <= slot_) slots.push_back(std::make_unique<detail::SnapshotCacheSlot>());
-    detail::SnapshotCacheSlot& s = *slots[slot_];
-    Snapshot fresh;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      fresh = current_;
-    }
-    s.owner = generation_;
-    s.version = fresh->version();
-    s.set.swap(fresh); // `fresh` takes this thread's previous set and drops it, unlocked
-    return s.set;
-  }
-
-  const std::uint64_t generation_;
-  const std::size_t slot_;
-  mutable std::mutex mu_;
-  Snapshot current_;
-  std::atomic<std::uint64_t> version_{0};
+  std::mutex mu_; // one publish at a time: the content check and the store together
+  detail::RcuCell<PeerSet> cell_;
 };
 
 DYNUP_NAMESPACE_END

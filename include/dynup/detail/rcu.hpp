@@ -1,6 +1,6 @@
 // RcuCell<T>: one immutable T published to many reader threads, read with one atomic
-// load and a thread-local lookup when nothing changed (the Publisher's scheme, for any
-// type: the Upstream publishes its routing tables through it).
+// load and a thread-local lookup when nothing changed. The Publisher publishes peer sets
+// through it, the Upstream its routing tables.
 #pragma once
 
 #include <dynup/detail/slots.hpp>
@@ -42,6 +42,9 @@ public:
     return current_;
   }
 
+  /// How many times store() ran: 0 for the initial value. One atomic load (acquire).
+  std::uint64_t version() const noexcept { return version_.load(std::memory_order_acquire); }
+
   /// Makes `next` current. Any thread; serialized by a mutex.
   void store(Ptr next) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -62,7 +65,9 @@ private:
     return slots;
   }
   static SlotNumbers& numbers() {
-    static SlotNumbers* n = new SlotNumbers; // never destroyed: see publisher_slots()
+    // Never destroyed: objects in static storage (an embedder's global publisher) may
+    // release their number after other statics are gone.
+    static SlotNumbers* n = new SlotNumbers;
     return *n;
   }
 
