@@ -126,7 +126,7 @@ public:
 
 private:
   std::string log_path() const { return dir_.file("etcd.log"); }
-  static std::string b64(const std::string& s) { return dynup::detail::to_base64(s); }
+  static std::string b64(const std::string& s) { return dynup::detail::base64_encode(s); }
 
   static std::int64_t revision_of(const nlohmann::json& doc) {
     std::int64_t rev = 0;

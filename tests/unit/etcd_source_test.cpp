@@ -2,6 +2,8 @@
 // local state the watcher keeps. Response bodies are what etcd 3.4.23's gateway sent.
 #include <dynup/source/etcd.hpp>
 
+#include <support/text.hpp>
+
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
 
@@ -20,7 +22,8 @@ using dynup::Errc;
 
 namespace {
 
-std::string b64(const std::string& s) { return dynup::detail::to_base64(s); }
+using dynup_test::contains;
+std::string b64(const std::string& s) { return dynup::detail::base64_encode(s); }
 
 EtcdSource source(const std::string& spec) {
   auto s = EtcdSource::from_spec(spec);
@@ -33,10 +36,6 @@ std::string spec_error(const std::string& spec) {
   REQUIRE_FALSE_MESSAGE(s.ok(), spec);
   CHECK(s.error().code() == Errc::invalid_argument);
   return s.error().message();
-}
-
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
 }
 
 const std::string header = R"("header":{"cluster_id":"324952591200643719","member_id":"3319814642761637952","revision":"5","raft_term":"2"})";
@@ -178,16 +177,16 @@ TEST_CASE("etcd requests: keys and range ends are base64, the start revision a s
 }
 
 TEST_CASE("etcd base64: encodes every tail length like Go's StdEncoding") {
-  using dynup::detail::to_base64;
-  CHECK(to_base64("") == "");
-  CHECK(to_base64("f") == "Zg==");
-  CHECK(to_base64("fo") == "Zm8=");
-  CHECK(to_base64("foo") == "Zm9v");
-  CHECK(to_base64("/u/a/p1") == "L3UvYS9wMQ==");
+  using dynup::detail::base64_encode;
+  CHECK(base64_encode("") == "");
+  CHECK(base64_encode("f") == "Zg==");
+  CHECK(base64_encode("fo") == "Zm8=");
+  CHECK(base64_encode("foo") == "Zm9v");
+  CHECK(base64_encode("/u/a/p1") == "L3UvYS9wMQ==");
   std::string all;
   for (int c = 0; c < 256; ++c) all += static_cast<char>(c);
   std::string back;
-  REQUIRE(dynup::detail::base64_decode(to_base64(all), back));
+  REQUIRE(dynup::detail::base64_decode(base64_encode(all), back));
   CHECK(back == all);
 }
 

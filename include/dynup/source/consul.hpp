@@ -77,22 +77,10 @@ namespace detail {
 
 /// Percent-encodes everything but RFC 3986 unreserved characters (and '/' if asked).
 inline std::string url_escape(std::string_view s, bool keep_slash = false) {
-  static constexpr char hex[] = "0123456789ABCDEF";
-  std::string out;
-  out.reserve(s.size());
-  for (char ch : s) {
-    auto c = static_cast<unsigned char>(ch);
-    bool plain = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
-                 c == '.' || c == '_' || c == '~' || (keep_slash && c == '/');
-    if (plain) {
-      out += ch;
-    } else {
-      out += '%';
-      out += hex[c >> 4];
-      out += hex[c & 15];
-    }
-  }
-  return out;
+  return percent_encode(s, [keep_slash](unsigned char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '.' ||
+           c == '_' || c == '~' || (keep_slash && c == '/');
+  });
 }
 
 /// X-Consul-Index as a number: 0 when the header is missing or not a plain uint64.

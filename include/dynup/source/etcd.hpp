@@ -120,28 +120,6 @@ struct EtcdPeers {
 
 namespace detail {
 
-/// Standard padded base64 (what Go's encoding/json writes for []byte). O(n).
-inline std::string to_base64(std::string_view in) {
-  static constexpr char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  std::string out;
-  out.reserve((in.size() + 2) / 3 * 4);
-  std::size_t i = 0;
-  for (; i + 3 <= in.size(); i += 3) {
-    unsigned v = (static_cast<unsigned char>(in[i]) << 16) | (static_cast<unsigned char>(in[i + 1]) << 8) |
-                 static_cast<unsigned char>(in[i + 2]);
-    for (int shift : {18, 12, 6, 0}) out += alphabet[(v >> shift) & 63];
-  }
-  if (i < in.size()) {
-    unsigned v = static_cast<unsigned char>(in[i]) << 16;
-    if (i + 1 < in.size()) v |= static_cast<unsigned char>(in[i + 1]) << 8;
-    out += alphabet[(v >> 18) & 63];
-    out += alphabet[(v >> 12) & 63];
-    out += i + 1 < in.size() ? alphabet[(v >> 6) & 63] : '=';
-    out += '=';
-  }
-  return out;
-}
-
 /// The smallest key after every key starting with `prefix` (clientv3.GetPrefixRangeEnd):
 /// the prefix with its last byte below 0xff incremented and what follows dropped; "\0"
 /// (to the end of the keyspace) when every byte is 0xff.
@@ -367,16 +345,8 @@ public:
   /// The spec, for logs and status (etcd specs carry no secrets).
   std::string describe() const {
     std::string out = "etcd://" + host_port(host_, port_);
-    for (unsigned char c : key_) {
-      if (c > 0x20 && c < 0x7f && c != '%' && c != '?' && c != '#') {
-        out += static_cast<char>(c);
-      } else {
-        static constexpr char hex[] = "0123456789ABCDEF";
-        out += '%';
-        out += hex[c >> 4];
-        out += hex[c & 15];
-      }
-    }
+    // Printable keys stay readable; what the spec parser would misread is escaped.
+    out += detail::percent_encode(key_, [](unsigned char c) { return c > 0x20 && c < 0x7f && c != '%' && c != '?' && c != '#'; });
     if (layout_ == EtcdLayout::document) out += "?layout=document";
     return out;
   }
@@ -517,8 +487,8 @@ private:
   EtcdSource() = default;
 
   nlohmann::json key_json() const {
-    nlohmann::json j{{"key", detail::to_base64(key_)}};
-    if (layout_ == EtcdLayout::keys) j["range_end"] = detail::to_base64(range_end_);
+    nlohmann::json j{{"key", detail::base64_encode(key_)}};
+    if (layout_ == EtcdLayout::keys) j["range_end"] = detail::base64_encode(range_end_);
     return j;
   }
 

@@ -40,6 +40,25 @@ struct SourceSpec {
 
 namespace detail {
 
+/// Percent-encodes every byte of `s` for which `keep(byte)` is false. O(n).
+template <class Keep> std::string percent_encode(std::string_view s, Keep keep) {
+  static constexpr char hex[] = "0123456789ABCDEF";
+  std::string out;
+  out.reserve(s.size());
+  for (char ch : s) {
+    auto c = static_cast<unsigned char>(ch);
+    if (keep(c)) {
+      out += ch;
+    } else {
+      out += '%';
+      out += hex[c >> 4];
+      out += hex[c & 15];
+    }
+  }
+  return out;
+}
+
+/// Decodes %XX escapes; a malformed escape is an error naming `what`.
 inline Result<std::string> percent_decode(std::string_view s, std::string_view what) {
   std::string out;
   out.reserve(s.size());
