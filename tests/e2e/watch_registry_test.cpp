@@ -4,6 +4,7 @@
 #include <support/etcd.hpp>
 #include <support/process.hpp>
 #include <support/temp_dir.hpp>
+#include <support/watching.hpp>
 
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
@@ -23,6 +24,8 @@ namespace {
 
 using dynup_test::ConsulDouble;
 using dynup_test::ConsulInstance;
+using dynup_test::consul_instances;
+using dynup_test::contains;
 using dynup_test::Process;
 using dynup_test::TempDir;
 using Stream = dynup_test::Process::Stream;
@@ -64,17 +67,6 @@ std::vector<std::string> ids_in(const nlohmann::json& doc) {
   return out;
 }
 
-std::vector<ConsulInstance> instances(std::initializer_list<std::uint16_t> ports) {
-  std::vector<ConsulInstance> out;
-  for (auto port : ports) {
-    ConsulInstance i;
-    i.port = port;
-    i.address = "10.1.0.1";
-    out.push_back(i);
-  }
-  return out;
-}
-
 // Runs a one-shot dynup-watch to its end: exit code, stdout, stderr.
 struct Finished {
   int code = -1;
@@ -88,15 +80,11 @@ Finished run_to_exit(const std::vector<std::string>& args) {
   return {st->code, p.read_all(Stream::out, line_timeout), p.read_all(Stream::err, line_timeout)};
 }
 
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
-
 } // namespace
 
 TEST_CASE("dynup-watch on consul:// prints the first set, then the set after a registry change") {
   ConsulDouble d;
-  d.set_service("api", instances({8080, 8081}));
+  d.set_service("api", consul_instances({8080, 8081}));
   Process p = watch({"--wait-ms", "2000", d.spec("/health/api")});
 
   auto first = parse_line(next_line(p, Stream::out));
@@ -104,7 +92,7 @@ TEST_CASE("dynup-watch on consul:// prints the first set, then the set after a r
   CHECK(ports_in(first) == std::vector<int>{8080, 8081});
   CHECK(first["index"] == d.index());
 
-  d.set_service("api", instances({9090}));
+  d.set_service("api", consul_instances({9090}));
   auto second = parse_line(next_line(p, Stream::out));
   CHECK(second["version"] == 2);
   CHECK(ports_in(second) == std::vector<int>{9090});
@@ -120,7 +108,7 @@ TEST_CASE("dynup-watch on consul:// prints the first set, then the set after a r
 
 TEST_CASE("dynup-watch --once on consul:// prints one line and exits 0") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   Finished f = run_to_exit({"--once", d.spec("/catalog/api")});
   CHECK(f.code == 0);
   REQUIRE(std::count(f.out.begin(), f.out.end(), '\n') == 1);
@@ -144,7 +132,7 @@ TEST_CASE("dynup-watch --once serves the --snapshot set while the agent is down;
   TempDir dir;
   std::string snapshot = dir.file("api.snapshot");
   ConsulDouble d;
-  d.set_service("api", instances({8080, 8081}));
+  d.set_service("api", consul_instances({8080, 8081}));
   Finished saved = run_to_exit({"--once", "--snapshot", snapshot, d.spec("/health/api")});
   REQUIRE(saved.code == 0);
   REQUIRE(dynup_test::exists(snapshot));
@@ -174,7 +162,7 @@ TEST_CASE("dynup-watch --strong exits 1 when the first fetch fails, without --on
 TEST_CASE("dynup-watch never prints the Consul token") {
   const std::string token = "e2e-s3cret-t0ken";
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   d.require_token(token);
   {
     Finished ok = run_to_exit({"--once", d.spec("/health/api?token=" + token)});

@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -861,5 +862,21 @@ private:
   std::size_t held_ = 0;
   std::size_t faulted_ = 0;
 };
+
+/// One instance on `port` of `node`, with its own Service.Address (10.1.0.x).
+inline ConsulInstance consul_instance(std::uint16_t port, const std::string& node = "node-1") {
+  ConsulInstance i;
+  i.port = port;
+  i.node = node;
+  i.address = "10.1.0." + std::to_string(port % 200 + 1);
+  return i;
+}
+
+/// consul_instance for each port, on node-1.
+inline std::vector<ConsulInstance> consul_instances(std::initializer_list<std::uint16_t> ports) {
+  std::vector<ConsulInstance> out;
+  for (auto p : ports) out.push_back(consul_instance(p));
+  return out;
+}
 
 } // namespace dynup_test

@@ -6,6 +6,7 @@
 
 #include <support/consul_double.hpp>
 #include <support/temp_dir.hpp>
+#include <support/watching.hpp>
 #include <support/wait.hpp>
 
 #include <doctest/doctest.h>
@@ -34,64 +35,16 @@ using dynup_test::TempDir;
 using dynup_test::wait_until;
 using dynup_test::write_by_rename;
 using namespace std::chrono_literals;
-using Ports = std::vector<std::uint16_t>;
+using Ports = dynup_test::Ports;
+using dynup_test::consul_instances;
+using dynup_test::contains;
+using dynup_test::ports_of;
+using dynup_test::Recorder;
 
 // What the callbacks saw, readable from the test thread while the watcher runs.
-class Recorder {
-public:
-  dynup::PublishCallback on_publish() {
-    return [this](const dynup::Snapshot& s) {
-      std::lock_guard<std::mutex> lock(mu_);
-      published_.push_back(s);
-    };
-  }
-  dynup::ErrorCallback on_error() {
-    return [this](const dynup::Error& e) {
-      std::lock_guard<std::mutex> lock(mu_);
-      errors_.push_back(e.message());
-    };
-  }
-  std::vector<dynup::Snapshot> published() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return published_;
-  }
-  std::vector<std::string> errors() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return errors_;
-  }
-
-private:
-  mutable std::mutex mu_;
-  std::vector<dynup::Snapshot> published_;
-  std::vector<std::string> errors_;
-};
-
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
 
 std::string peers_doc(int port) {
   return R"({"peers":[{"host":"10.0.0.1","port":)" + std::to_string(port) + "}]}";
-}
-
-Ports ports_of(const Publisher& pub) {
-  Ports out;
-  // Held here: in `for (… : *pub.current())` the temporary would die before the loop.
-  dynup::Snapshot set = pub.current();
-  for (const auto& p : *set) out.push_back(p.port);
-  std::sort(out.begin(), out.end());
-  return out;
-}
-
-std::vector<ConsulInstance> instances(std::initializer_list<std::uint16_t> ports) {
-  std::vector<ConsulInstance> out;
-  for (auto port : ports) {
-    ConsulInstance i;
-    i.port = port;
-    i.address = "10.1.0.1";
-    out.push_back(i);
-  }
-  return out;
 }
 
 // Short waits and backoffs for registry sources; left at the defaults for file://.
@@ -173,7 +126,7 @@ TEST_CASE("any watcher: a file:// spec applies the guards and accepts poll_inter
 
 TEST_CASE("any watcher: a consul:// spec publishes through a blocking query and follows a change") {
   ConsulDouble d;
-  d.set_service("api", instances({8080, 8081}));
+  d.set_service("api", consul_instances({8080, 8081}));
   d.require_token("hunter2-token");
   Publisher pub;
   Recorder rec;
@@ -187,7 +140,7 @@ TEST_CASE("any watcher: a consul:// spec publishes through a blocking query and 
   REQUIRE(wait_until([&] { return d.held() == 1; }));
   CHECK(d.last_request().param("wait") == std::string("300ms"));
 
-  d.set_service("api", instances({9090}));
+  d.set_service("api", consul_instances({9090}));
   REQUIRE(wait_until([&] { return ports_of(pub) == Ports{9090}; }));
   CHECK(rec.published().size() == 2);
   CHECK(w.status().publish_count == 2);
@@ -197,7 +150,7 @@ TEST_CASE("any watcher: a consul:// spec publishes through a blocking query and 
 TEST_CASE("any watcher: snapshot_path and strong_dependency reach a consul:// watcher") {
   TempDir dir;
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   AnyWatchOptions o = fast_registry();
   o.snapshot_path = dir.file("api.snapshot");
   {
@@ -331,7 +284,7 @@ TEST_CASE("any watcher: options a file watcher cannot honour are an error, never
 
 TEST_CASE("any watcher: file-only options on a registry spec are an error and nothing connects") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   AnyWatchOptions o = fast_registry();
   o.poll_interval = 50ms;
   Publisher pub;
@@ -349,7 +302,7 @@ TEST_CASE("any watcher: file-only options on a registry spec are an error and no
 
 TEST_CASE("any watcher: validate() checks a spec without connecting") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   CHECK(Watcher::validate(d.spec("/health/api?tag=v2"), fast_registry()));
   CHECK(Watcher::validate("etcd://127.0.0.1:2379/upstreams/api/"));
   CHECK(Watcher::validate("file:///no/such/dir/peers.json")); // the file is read by start()
@@ -358,7 +311,7 @@ TEST_CASE("any watcher: validate() checks a spec without connecting") {
 
 TEST_CASE("any watcher: stop() returns promptly with a query in flight, is idempotent, and keeps status") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   Publisher pub;
   AnyWatchOptions o = fast_registry();
   o.wait = std::chrono::minutes(5);
@@ -411,7 +364,7 @@ TEST_CASE("any watcher: a moved-from Watcher is empty and safe to stop and destr
 
 TEST_CASE("any watcher: move assignment stops the watcher it replaces") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   TempDir dir;
   std::string path = dir.file("peers.json");
   write_by_rename(path, peers_doc(8001));
@@ -423,7 +376,7 @@ TEST_CASE("any watcher: move assignment stops the watcher it replaces") {
   CHECK(w.status().source == "file://" + path);
   // A running consul watcher asks again at least every 300 ms wait; this one is gone.
   std::size_t requests = d.requests();
-  d.set_service("api", instances({9090}));
+  d.set_service("api", consul_instances({9090}));
   CHECK(stays_true_for([&] { return d.requests() == requests && ports_of(registry_pub) == Ports{8080}; }, 700ms));
 }
 

@@ -1,5 +1,7 @@
 #include <dynup/source/consul.hpp>
 
+#include <support/text.hpp>
+
 #include <doctest/doctest.h>
 
 #include <stdlib.h>
@@ -24,6 +26,7 @@ using namespace std::chrono_literals;
 
 namespace {
 
+using dynup_test::contains;
 std::string fixture(const std::string& name) {
   std::string path = std::string(DYNUP_FIXTURES_DIR) + "/consul/" + name;
   std::ifstream in(path, std::ios::binary);
@@ -65,10 +68,6 @@ const Peer& peer(const Decoded& d, const std::string& id) {
   const Peer* p = d.set.find(id);
   REQUIRE_MESSAGE(p != nullptr, "no peer \"", id, "\" in ", dynup::to_json(d.set));
   return *p;
-}
-
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
 }
 
 std::string query_of(const HttpRequest& r) {

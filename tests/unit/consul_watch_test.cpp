@@ -7,6 +7,7 @@
 
 #include <support/consul_double.hpp>
 #include <support/temp_dir.hpp>
+#include <support/watching.hpp>
 #include <support/wait.hpp>
 
 #include <doctest/doctest.h>
@@ -36,52 +37,17 @@ using dynup_test::ConsulDouble;
 using dynup_test::ConsulFault;
 using dynup_test::ConsulInstance;
 using dynup_test::ConsulJitter;
+using dynup_test::consul_instance;
+using dynup_test::consul_instances;
 using dynup_test::stays_true_for;
 using dynup_test::TempDir;
 using dynup_test::wait_until;
 using namespace std::chrono_literals;
 using Watcher = dynup::BlockingWatcher<ConsulSource>;
-using Ports = std::vector<std::uint16_t>;
-
-// What the callbacks saw, plus the watcher's status at each reported error (read on the
-// watcher thread right after the failure was recorded).
-class Recorder {
-public:
-  dynup::PublishCallback on_publish() {
-    return [this](const dynup::Snapshot& s) {
-      std::lock_guard<std::mutex> lock(mu_);
-      published_.push_back(s);
-    };
-  }
-  dynup::ErrorCallback on_error() {
-    return [this](const dynup::Error& e) {
-      const Watcher* w = watcher_.load();
-      std::lock_guard<std::mutex> lock(mu_);
-      errors_.push_back(e.message());
-      if (w != nullptr && e.code() != Errc::rejected) statuses_.push_back(w->status());
-    };
-  }
-  void watch(const Watcher* w) { watcher_.store(w); }
-  std::vector<dynup::Snapshot> published() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return published_;
-  }
-  std::vector<std::string> errors() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return errors_;
-  }
-  std::vector<WatcherStatus> failure_statuses() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return statuses_;
-  }
-
-private:
-  mutable std::mutex mu_;
-  std::atomic<const Watcher*> watcher_{nullptr};
-  std::vector<dynup::Snapshot> published_;
-  std::vector<std::string> errors_;
-  std::vector<WatcherStatus> statuses_;
-};
+using Ports = dynup_test::Ports;
+using dynup_test::contains;
+using dynup_test::ports_of;
+using dynup_test::Recorder;
 
 // Every request the watcher handed to its transport (to see read timeouts).
 class SeenRequests {
@@ -120,29 +86,6 @@ private:
   std::shared_ptr<SeenRequests> seen_;
 };
 
-ConsulInstance instance(std::uint16_t port, const std::string& node = "node-1") {
-  ConsulInstance i;
-  i.port = port;
-  i.node = node;
-  i.address = "10.1.0." + std::to_string(port % 200 + 1);
-  return i;
-}
-
-std::vector<ConsulInstance> instances(std::initializer_list<std::uint16_t> ports) {
-  std::vector<ConsulInstance> out;
-  for (auto p : ports) out.push_back(instance(p));
-  return out;
-}
-
-Ports ports_of(const Publisher& pub) {
-  Ports out;
-  // Hold the set: `*pub.current()` in the range-for would leave it to the temporary.
-  dynup::Snapshot set = pub.current();
-  for (const auto& p : *set) out.push_back(p.port);
-  std::sort(out.begin(), out.end());
-  return out;
-}
-
 // Short waits and small backoffs keep each test well under a second or two.
 WatchOptions fast(std::chrono::milliseconds wait = 300ms) {
   WatchOptions o;
@@ -164,7 +107,7 @@ dynup::Result<std::unique_ptr<Watcher>> try_start(const ConsulDouble& d, Publish
   auto w = Watcher::start(pub, std::move(src).value(), std::move(t), std::move(o),
                           rec ? rec->on_publish() : dynup::PublishCallback{},
                           rec ? rec->on_error() : dynup::ErrorCallback{});
-  if (w && rec) rec->watch(w->get());
+  if (w && rec) rec->status_of([p = w->get()] { return p->status(); });
   return w;
 }
 
@@ -175,16 +118,12 @@ std::unique_ptr<Watcher> start(const ConsulDouble& d, Publisher& pub, const std:
   return std::move(w).value();
 }
 
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
-
 // The fault is injected while the set is A; the registry moves to B while it lasts. A
 // must stay (and be reported stale) until the fault clears; then B arrives on its own.
 void check_fault_keeps_set_and_recovers(ConsulFault fault, const std::string& expected_error,
                                         std::chrono::milliseconds param = 200ms) {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   Publisher pub;
   Recorder rec;
   auto w = start(d, pub, "/health/api", fast(200ms), &rec);
@@ -192,7 +131,7 @@ void check_fault_keeps_set_and_recovers(ConsulFault fault, const std::string& ex
 
   d.inject(fault, ConsulDouble::forever, param);
   REQUIRE(wait_until([&] { return w->status().consecutive_failures >= 2; }));
-  d.set_service("api", instances({9090}));
+  d.set_service("api", consul_instances({9090}));
   CHECK(stays_true_for([&] { return ports_of(pub) == Ports{8080}; }, 300ms));
   WatcherStatus st = w->status();
   CHECK(st.stale);
@@ -215,7 +154,7 @@ void check_fault_keeps_set_and_recovers(ConsulFault fault, const std::string& ex
 
 TEST_CASE("consul double: a blocking request waits for a change, a stale index returns at once") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   httplib::Client c("127.0.0.1", d.port());
   auto first = c.Get("/v1/health/service/api");
   REQUIRE(first);
@@ -231,7 +170,7 @@ TEST_CASE("consul double: a blocking request waits for a change, a stale index r
   auto t0 = std::chrono::steady_clock::now();
   std::thread change([&] {
     std::this_thread::sleep_for(100ms);
-    d.set_service("api", instances({8080, 8081}));
+    d.set_service("api", consul_instances({8080, 8081}));
   });
   auto woken = c.Get("/v1/health/service/api?index=" + index + "&wait=5s");
   change.join();
@@ -243,7 +182,7 @@ TEST_CASE("consul double: a blocking request waits for a change, a stale index r
 
 TEST_CASE("consul double: an unchanged index is held for wait plus at most wait/16") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   d.set_jitter(ConsulJitter::max);
   httplib::Client c("127.0.0.1", d.port());
   std::string index = std::to_string(d.index());
@@ -284,7 +223,7 @@ TEST_CASE("consul double: KV without keys is a 404 with an index; errors are pla
 
 TEST_CASE("consul double: down refuses connections and up listens on the same port") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   std::uint16_t port = d.port();
   d.down();
   {
@@ -305,7 +244,7 @@ TEST_CASE("consul double: down refuses connections and up listens on the same po
 
 TEST_CASE("consul watch: the first request has no index and its answer is published by start()") {
   ConsulDouble d;
-  d.set_service("api", instances({8080, 8081}));
+  d.set_service("api", consul_instances({8080, 8081}));
   Publisher pub;
   Recorder rec;
   auto w = start(d, pub, "/health/api", fast(), &rec);
@@ -322,7 +261,7 @@ TEST_CASE("consul watch: the first request has no index and its answer is publis
 
 TEST_CASE("consul watch: later requests carry index and wait, and read longer than wait + wait/16") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   d.set_jitter(ConsulJitter::max); // every hold lasts wait + wait/16
   Publisher pub;
   Recorder rec;
@@ -346,7 +285,7 @@ TEST_CASE("consul watch: later requests carry index and wait, and read longer th
 
 TEST_CASE("consul watch: no wait asks for the server's 5-minute default and reads longer than that") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   Publisher pub;
   auto seen = std::make_shared<SeenRequests>();
   auto w = start(d, pub, "/health/api", fast(0ms), nullptr, seen);
@@ -359,7 +298,7 @@ TEST_CASE("consul watch: no wait asks for the server's 5-minute default and read
 
 TEST_CASE("consul watch: an unchanged index is a timeout, not a change") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   Publisher pub;
   Recorder rec;
   auto w = start(d, pub, "/health/api", fast(150ms), &rec);
@@ -376,7 +315,7 @@ TEST_CASE("consul watch: an unchanged index is a timeout, not a change") {
 
 TEST_CASE("consul watch: a new index with the same content is not republished") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   Publisher pub;
   Recorder rec;
   auto w = start(d, pub, "/health/api", fast(), &rec);
@@ -395,13 +334,13 @@ TEST_CASE("consul watch: a new index with the same content is not republished") 
 
 TEST_CASE("consul watch: an index going backwards resets to 0 and refetches") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   Publisher pub;
   auto w = start(d, pub, "/health/api", fast(200ms));
   std::uint64_t before = d.index();
 
   d.restore_snapshot(5);
-  d.set_service("api", instances({9090})); // index 6, still below the watcher's
+  d.set_service("api", consul_instances({9090})); // index 6, still below the watcher's
   std::uint64_t after = d.index();
   REQUIRE(after < before);
   REQUIRE(wait_until([&] { return d.last_request().index() == after; }, 3s));
@@ -423,7 +362,7 @@ TEST_CASE("consul watch: an index of 0 or no index header continues from 1") {
   SUBCASE("X-Consul-Index: 0") { fault = ConsulFault::index_zero; }
   SUBCASE("no X-Consul-Index") { fault = ConsulFault::missing_index_header; }
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   d.inject(fault, 1); // the first answer only
   Publisher pub;
   auto w = start(d, pub, "/health/api", fast());
@@ -438,7 +377,7 @@ TEST_CASE("consul watch: an index of 0 or no index header continues from 1") {
 
 TEST_CASE("consul watch: X-Consul-Index is read whatever the case of its name") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   d.inject(ConsulFault::lowercase_index_header);
   Publisher pub;
   auto w = start(d, pub, "/health/api", fast());
@@ -446,7 +385,7 @@ TEST_CASE("consul watch: X-Consul-Index is read whatever the case of its name") 
   CHECK(d.log()[1].index() == d.index());
   CHECK(w->status().last_index == d.index());
 
-  d.set_service("api", instances({9090}));
+  d.set_service("api", consul_instances({9090}));
   CHECK(wait_until([&] { return ports_of(pub) == Ports{9090}; }));
 }
 
@@ -454,7 +393,7 @@ TEST_CASE("consul watch: X-Consul-Index is read whatever the case of its name") 
 
 TEST_CASE("consul watch: an index that changes on every request cannot make the loop spin") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   d.set_index_churn(true);
   WatchOptions o = fast(1000ms);
   o.min_interval = 50ms;
@@ -481,7 +420,7 @@ TEST_CASE("consul watch: an index that changes on every request cannot make the 
 
 TEST_CASE("consul watch: an unreachable agent is retried with capped exponential backoff") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   Publisher pub;
   Recorder rec;
   WatchOptions o = fast();
@@ -509,7 +448,7 @@ TEST_CASE("consul watch: an unreachable agent is retried with capped exponential
   }
   CHECK(longest > o.backoff_base); // it grew
 
-  d.set_service("api", instances({9090}));
+  d.set_service("api", consul_instances({9090}));
   d.up();
   REQUIRE(wait_until([&] { return ports_of(pub) == Ports{9090}; }));
   st = w->status();
@@ -530,7 +469,7 @@ TEST_CASE("consul watch: an unreachable agent is retried with capped exponential
 
 TEST_CASE("consul watch: a 403 is reported as an ACL problem and backed off, not spun on") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   Publisher pub;
   Recorder rec;
   WatchOptions o = fast();
@@ -580,12 +519,12 @@ TEST_CASE("consul watch: a held request whose connection drops keeps the last go
 
 TEST_CASE("consul watch: a refused connection keeps the last good set and recovers on the same port") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   Publisher pub;
   auto w = start(d, pub, "/health/api", fast(200ms));
   d.down();
   REQUIRE(wait_until([&] { return w->status().consecutive_failures >= 2; }));
-  d.set_service("api", instances({9090}));
+  d.set_service("api", consul_instances({9090}));
   CHECK(stays_true_for([&] { return ports_of(pub) == Ports{8080}; }, 200ms));
   d.up();
   REQUIRE(wait_until([&] { return ports_of(pub) == Ports{9090}; }));
@@ -594,12 +533,12 @@ TEST_CASE("consul watch: a refused connection keeps the last good set and recove
 
 TEST_CASE("consul watch: a slow body is read to the end") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   d.inject(ConsulFault::slow_body, ConsulDouble::forever, 2ms); // 16 bytes per 2 ms
   Publisher pub;
   auto w = start(d, pub, "/health/api", fast());
   CHECK(ports_of(pub) == Ports{8080});
-  d.set_service("api", instances({9090}));
+  d.set_service("api", consul_instances({9090}));
   REQUIRE(wait_until([&] { return ports_of(pub) == Ports{9090}; }));
   CHECK(d.faulted() >= 2);
   CHECK(w->status().consecutive_failures == 0);
@@ -658,7 +597,7 @@ TEST_CASE("consul watch: the token travels only in the X-Consul-Token header") {
   const std::string token = "b1gs3cret-0b4d-4c6e-9c2a-7e3f5d1a0c88";
   REQUIRE(::setenv("DYNUP_TEST_CONSUL_TOKEN", token.c_str(), 1) == 0);
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   d.require_token(token);
   Publisher pub;
   Recorder rec;
@@ -687,7 +626,7 @@ TEST_CASE("consul watch: the token travels only in the X-Consul-Token header") {
 
 TEST_CASE("consul watch: stop() returns promptly while a five-minute query is in flight") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   Publisher pub;
   WatchOptions o = fast(std::chrono::minutes(5));
   auto w = start(d, pub, "/health/api", o);
@@ -703,7 +642,7 @@ TEST_CASE("consul watch: stop() returns promptly while a five-minute query is in
 
 TEST_CASE("consul watch: stop() returns promptly during a long backoff") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   Publisher pub;
   WatchOptions o = fast();
   o.backoff_base = std::chrono::minutes(1);
@@ -720,16 +659,16 @@ TEST_CASE("consul watch: stop() returns promptly during a long backoff") {
 
 TEST_CASE("consul watch: a registry change reaches the publisher and the publish callback") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   Publisher pub;
   Recorder rec;
   auto w = start(d, pub, "/health/api", fast(), &rec);
 
-  ConsulInstance on_node = instance(8082, "node-2");
+  ConsulInstance on_node = consul_instance(8082, "node-2");
   on_node.address.clear(); // rule 9: Node.Address stands in
   on_node.node_address = "10.2.0.2";
   on_node.weight_passing = 7;
-  d.set_service("api", {instance(8080), instance(8081), on_node});
+  d.set_service("api", {consul_instance(8080), consul_instance(8081), on_node});
   REQUIRE(wait_until([&] { return rec.published().size() == 2; }));
   auto s = rec.published().back();
   CHECK(s->size() == 3);
@@ -740,7 +679,7 @@ TEST_CASE("consul watch: a registry change reaches the publisher and the publish
   CHECK(p->weight == 7);
   CHECK(pub.current().get() == s.get());
 
-  d.set_service("api", instances({8081}));
+  d.set_service("api", consul_instances({8081}));
   REQUIRE(wait_until([&] { return rec.published().size() == 3; }));
   CHECK(ports_of(pub) == Ports{8081});
   CHECK(w->status().publish_count == 3);
@@ -748,13 +687,13 @@ TEST_CASE("consul watch: a registry change reaches the publisher and the publish
 
 TEST_CASE("consul watch: instances failing checks or in maintenance are left out by default") {
   ConsulDouble d;
-  ConsulInstance failing = instance(8081);
+  ConsulInstance failing = consul_instance(8081);
   failing.checks = {"passing", "critical"};
-  ConsulInstance node_maint = instance(8082, "node-2");
+  ConsulInstance node_maint = consul_instance(8082, "node-2");
   node_maint.node_maintenance = true;
-  ConsulInstance svc_maint = instance(8083);
+  ConsulInstance svc_maint = consul_instance(8083);
   svc_maint.service_maintenance = true;
-  d.set_service("api", {instance(8080), failing, node_maint, svc_maint});
+  d.set_service("api", {consul_instance(8080), failing, node_maint, svc_maint});
   Publisher pub;
   auto w = start(d, pub, "/health/api", fast());
   CHECK(ports_of(pub) == Ports{8080});
@@ -764,7 +703,7 @@ TEST_CASE("consul watch: instances failing checks or in maintenance are left out
 TEST_CASE("consul watch: with the agent down at start the last-known-good snapshot is served, stale") {
   TempDir dir;
   ConsulDouble d;
-  d.set_service("api", instances({8080, 8081}));
+  d.set_service("api", consul_instances({8080, 8081}));
   WatchOptions o = fast();
   o.snapshot_path = dir.file("api.snapshot");
   {
@@ -774,7 +713,7 @@ TEST_CASE("consul watch: with the agent down at start the last-known-good snapsh
   }
 
   d.down();
-  d.set_service("api", instances({9090}));
+  d.set_service("api", consul_instances({9090}));
   Publisher pub;
   Recorder rec;
   auto w = start(d, pub, "/health/api", o, &rec);
@@ -800,7 +739,7 @@ TEST_CASE("consul watch: with the agent down at start the last-known-good snapsh
 
 TEST_CASE("consul watch: strong_dependency makes start() fail while the agent is down") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   d.down();
   WatchOptions o = fast();
   o.strong_dependency = true;
@@ -822,7 +761,7 @@ TEST_CASE("consul watch: strong_dependency makes start() fail while the agent is
 
 TEST_CASE("consul watch: an empty service is refused by default and the last set kept") {
   ConsulDouble d;
-  d.set_service("api", instances({8080, 8081}));
+  d.set_service("api", consul_instances({8080, 8081}));
   Publisher pub;
   Recorder rec;
   auto w = start(d, pub, "/health/api", fast(200ms), &rec);
@@ -837,7 +776,7 @@ TEST_CASE("consul watch: an empty service is refused by default and the last set
   // It stays explained across later (unchanged) answers.
   CHECK(stays_true_for([&] { return contains(w->status().last_error, "empty"); }, 500ms));
 
-  d.set_service("api", instances({8082}));
+  d.set_service("api", consul_instances({8082}));
   REQUIRE(wait_until([&] { return ports_of(pub) == Ports{8082}; }));
   CHECK(w->status().last_error.empty());
   CHECK_FALSE(w->status().stale);
@@ -845,39 +784,39 @@ TEST_CASE("consul watch: an empty service is refused by default and the last set
 
 TEST_CASE("consul watch: max_removed_share and min_peers refuse churn beyond their limits") {
   ConsulDouble d;
-  d.set_service("api", instances({8080, 8081, 8082, 8083}));
+  d.set_service("api", consul_instances({8080, 8081, 8082, 8083}));
   WatchOptions o = fast();
   o.guards.max_removed_share = 0.5;
   o.guards.min_peers = 2;
   Publisher pub;
   auto w = start(d, pub, "/health/api", o);
 
-  d.set_service("api", instances({8080, 8081, 8082, 9000})); // removes 1 of 4
+  d.set_service("api", consul_instances({8080, 8081, 8082, 9000})); // removes 1 of 4
   REQUIRE(wait_until([&] { return ports_of(pub) == Ports{8080, 8081, 8082, 9000}; }));
 
-  d.set_service("api", instances({8080, 9001, 9002})); // removes 3 of 4
+  d.set_service("api", consul_instances({8080, 9001, 9002})); // removes 3 of 4
   REQUIRE(wait_until([&] { return w->status().last_index == d.index(); }));
   CHECK(contains(w->status().last_error, "max_removed_share"));
   CHECK(ports_of(pub) == Ports{8080, 8081, 8082, 9000});
 
-  d.set_service("api", instances({8080})); // fewer than min_peers (and too much churn)
+  d.set_service("api", consul_instances({8080})); // fewer than min_peers (and too much churn)
   REQUIRE(wait_until([&] { return w->status().last_index == d.index(); }));
   CHECK(w->status().stale);
   CHECK(ports_of(pub) == Ports{8080, 8081, 8082, 9000});
 
-  d.set_service("api", instances({8080, 8081, 8082})); // removes 1 of 4, 3 >= 2
+  d.set_service("api", consul_instances({8080, 8081, 8082})); // removes 1 of 4, 3 >= 2
   REQUIRE(wait_until([&] { return ports_of(pub) == Ports{8080, 8081, 8082}; }));
   CHECK_FALSE(w->status().stale);
 }
 
 TEST_CASE("consul watch: min_peers refuses a set that is too small") {
   ConsulDouble d;
-  d.set_service("api", instances({8080, 8081, 8082}));
+  d.set_service("api", consul_instances({8080, 8081, 8082}));
   WatchOptions o = fast();
   o.guards.min_peers = 2;
   Publisher pub;
   auto w = start(d, pub, "/health/api", o);
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   REQUIRE(wait_until([&] { return w->status().last_index == d.index(); }));
   CHECK(contains(w->status().last_error, "min_peers"));
   CHECK(ports_of(pub) == Ports{8080, 8081, 8082});
@@ -887,7 +826,7 @@ TEST_CASE("consul watch: min_peers refuses a set that is too small") {
 
 TEST_CASE("consul watch: status reports index, success time, errors, backoff, staleness and publishes") {
   ConsulDouble d;
-  d.set_service("api", instances({8080}));
+  d.set_service("api", consul_instances({8080}));
   Publisher pub;
   auto before = std::chrono::system_clock::now();
   auto w = start(d, pub, "/health/api", fast(200ms));
@@ -903,7 +842,7 @@ TEST_CASE("consul watch: status reports index, success time, errors, backoff, st
   CHECK_FALSE(st.stale);
   CHECK(st.publish_count == 1);
 
-  d.set_service("api", instances({8081}));
+  d.set_service("api", consul_instances({8081}));
   REQUIRE(wait_until([&] { return w->status().publish_count == 2; }));
   CHECK(w->status().last_index == d.index());
 

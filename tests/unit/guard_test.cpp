@@ -1,5 +1,7 @@
 #include <dynup/watch/guard.hpp>
 
+#include <support/text.hpp>
+
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -14,6 +16,7 @@ using dynup::PeerSet;
 
 namespace {
 
+using dynup_test::contains;
 // A set of peers 10.0.0.<first>..10.0.0.<first+n-1> on port 80.
 PeerSet range(int first, int n) {
   std::vector<Peer> peers;
@@ -26,10 +29,6 @@ PeerSet range(int first, int n) {
   auto r = PeerSet::make(std::move(peers));
   REQUIRE(r);
   return std::move(r).value();
-}
-
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
 }
 
 } // namespace

@@ -1,6 +1,8 @@
 #include <dynup/peer_json.hpp>
 #include <dynup/publisher.hpp>
 
+#include <support/text.hpp>
+
 #include <doctest/doctest.h>
 
 #include <string>
@@ -16,6 +18,7 @@ using dynup::PeerSet;
 
 namespace {
 
+using dynup_test::contains;
 PeerSet parse_ok(const std::string& text) {
   auto r = parse_peer_set(text);
   REQUIRE_MESSAGE(r.ok(), text, " -> ", r.error().message());
@@ -26,10 +29,6 @@ std::string parse_error(const std::string& text) {
   auto r = parse_peer_set(text);
   REQUIRE_FALSE_MESSAGE(r.ok(), text);
   return r.error().message();
-}
-
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
 }
 
 // A document whose third peer (peers[2]) carries `bad_fields`.

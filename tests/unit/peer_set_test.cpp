@@ -1,6 +1,8 @@
 #include <dynup/peer_set.hpp>
 #include <dynup/publisher.hpp>
 
+#include <support/text.hpp>
+
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -16,6 +18,7 @@ using dynup::PeerSet;
 
 namespace {
 
+using dynup_test::contains;
 Peer peer(std::string host, std::uint16_t port, std::string id = "") {
   Peer p;
   p.id = std::move(id);
@@ -35,10 +38,6 @@ std::string make_error(std::vector<Peer> peers) {
   REQUIRE_FALSE(r.ok());
   CHECK(r.error().code() == Errc::invalid_peer);
   return r.error().message();
-}
-
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
 }
 
 std::size_t count_of(const std::string& haystack, const std::string& needle) {

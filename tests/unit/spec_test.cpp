@@ -1,6 +1,8 @@
 #include <dynup/source/file.hpp>
 #include <dynup/source/spec.hpp>
 
+#include <support/text.hpp>
+
 #include <doctest/doctest.h>
 
 #include <string>
@@ -12,6 +14,7 @@ using dynup::SourceSpec;
 
 namespace {
 
+using dynup_test::contains;
 SourceSpec spec_ok(const std::string& text) {
   auto r = parse_source_spec(text);
   REQUIRE_MESSAGE(r.ok(), text, " -> ", r.error().message());
@@ -24,10 +27,6 @@ std::string spec_error(const std::string& text) {
   CHECK(r.error().code() == Errc::invalid_argument);
   CHECK(r.error().message().find("source \"" + text + "\"") != std::string::npos);
   return r.error().message();
-}
-
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
 }
 
 } // namespace
