@@ -2,6 +2,7 @@
 // it (passive, outlier, panic, active), health surviving updates, and status().
 #include <dynup/upstream.hpp>
 
+#include <support/text.hpp>
 #include <support/temp_dir.hpp>
 #include <support/wait.hpp>
 
@@ -29,10 +30,7 @@ using namespace std::chrono_literals;
 
 namespace {
 
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
-
+using dynup_test::contains;
 std::string peers_doc(const std::vector<std::string>& host_ports) {
   json peers = json::array();
   for (const auto& hp : host_ports) {
@@ -436,12 +434,14 @@ TEST_CASE("upstream: selections held across publishes stay readable; reports fro
   // leased is a use-after-free on `peer`.
   Fixture f({"10.0.0.1:80", "10.0.0.2:80"});
   auto up = start(f.config(json::object(), "least_request"));
-  std::atomic<bool> done{false};
+  std::atomic<bool> done{false};          // request threads stop
+  std::atomic<bool> drained{false};       // and have handed everything over
   std::mutex handoff_mu;
   std::vector<dynup::UpstreamSelection> handoff;
   std::atomic<long> reported{0};
   std::thread reporter([&] {
     for (;;) {
+      const bool last = drained; // read before the swap: then the swap takes everything
       std::vector<dynup::UpstreamSelection> batch;
       {
         std::lock_guard<std::mutex> lock(handoff_mu);
@@ -453,7 +453,7 @@ TEST_CASE("upstream: selections held across publishes stay readable; reports fro
         ++reported;
       }
       if (batch.empty()) {
-        if (done) break;
+        if (last) break;
         std::this_thread::sleep_for(1ms);
       }
     }
@@ -461,25 +461,40 @@ TEST_CASE("upstream: selections held across publishes stay readable; reports fro
   std::vector<std::thread> threads;
   for (int t = 0; t < 3; ++t)
     threads.emplace_back([&] {
-      while (!done) {
-        std::vector<dynup::UpstreamSelection> held;
-        for (int i = 0; i < 16; ++i) {
-          auto s = up->pick();
-          if (s) held.push_back(std::move(s));
-        }
-        std::this_thread::sleep_for(std::chrono::microseconds(200)); // a publish may land here
-        for (std::size_t i = 0; i < held.size(); ++i) {
-          CHECK(held[i].peer->port == 80);
-          if (i % 2 == 0) {
-            up->report(held[i], {1ms, 200, false});
-            ++reported;
+      // Each selection is held ~400 ms: across several publishes and sweeps, while this
+      // thread's cache moves on to newer tables.
+      std::vector<std::pair<std::chrono::steady_clock::time_point, dynup::UpstreamSelection>> held;
+      auto settle = [&](bool all) {
+        const auto now = std::chrono::steady_clock::now();
+        std::vector<dynup::UpstreamSelection> mine, theirs;
+        for (auto it = held.begin(); it != held.end();) {
+          if (!all && now - it->first < 400ms) {
+            ++it;
+            continue;
           }
+          CHECK(it->second.peer->port == 80);
+          ((mine.size() + theirs.size()) % 2 == 0 ? mine : theirs).push_back(std::move(it->second));
+          it = held.erase(it);
+        }
+        for (auto& s : mine) {
+          up->report(s, {1ms, 200, false});
+          ++reported;
         }
         std::lock_guard<std::mutex> lock(handoff_mu);
-        for (std::size_t i = 1; i < held.size(); i += 2) handoff.push_back(std::move(held[i]));
+        for (auto& s : theirs) handoff.push_back(std::move(s));
+      };
+      while (!done) {
+        for (int i = 0; i < 4; ++i) {
+          auto s = up->pick();
+          if (s) held.emplace_back(std::chrono::steady_clock::now(), std::move(s));
+        }
+        std::this_thread::sleep_for(5ms);
+        settle(false);
       }
+      settle(true);
     });
   for (int v = 0; v < 20; ++v) {
+    std::this_thread::sleep_for(50ms); // 20 publishes over about a second
     write_by_rename(f.path, peers_doc({"10.0.0.1:80", "10.0.0." + std::to_string(3 + v) + ":80"}));
     const std::string id = "10.0.0." + std::to_string(3 + v) + ":80";
     CHECK(wait_until([&] {
@@ -489,6 +504,7 @@ TEST_CASE("upstream: selections held across publishes stay readable; reports fro
   }
   done = true;
   for (auto& t : threads) t.join();
+  drained = true; // the reporter empties the hand-off once more, then stops
   reporter.join();
   CHECK(reported > 0);
   auto st = up->status();
