@@ -4,13 +4,22 @@ include(CMakePackageConfigHelpers)
 set(DYNUP_CMAKE_DIR "${CMAKE_INSTALL_DATADIR}/cmake/dynup" CACHE STRING
     "Where dynupConfig.cmake is installed, relative to the prefix")
 
+# The exported targets: dynup::dynup (header-only) and, when built, dynup::dynup_c (the
+# C ABI library, which makes the package architecture-dependent).
+set(_dynup_targets dynup)
+set(_dynup_arch ARCH_INDEPENDENT)
+if(TARGET dynup_c)
+  list(APPEND _dynup_targets dynup_c)
+  set(_dynup_arch)
+endif()
+
 write_basic_package_version_file("${PROJECT_BINARY_DIR}/dynupConfigVersion.cmake"
   VERSION ${PROJECT_VERSION}
   COMPATIBILITY SameMinorVersion # 0.x: a minor release may break the API
-  ARCH_INDEPENDENT)
+  ${_dynup_arch})
 
 # Build tree: find_package(dynup) with dynup_DIR pointing at this build works too.
-export(TARGETS dynup NAMESPACE dynup:: FILE "${PROJECT_BINARY_DIR}/dynupTargets.cmake")
+export(TARGETS ${_dynup_targets} NAMESPACE dynup:: FILE "${PROJECT_BINARY_DIR}/dynupTargets.cmake")
 configure_file("${PROJECT_SOURCE_DIR}/cmake/Findhttplib.cmake"
                "${PROJECT_BINARY_DIR}/Findhttplib.cmake" COPYONLY)
 configure_package_config_file("${PROJECT_SOURCE_DIR}/cmake/dynupConfig.cmake.in"
@@ -20,7 +29,8 @@ configure_package_config_file("${PROJECT_SOURCE_DIR}/cmake/dynupConfig.cmake.in"
 
 if(DYNUP_INSTALL)
   install(DIRECTORY "${PROJECT_SOURCE_DIR}/include/dynup" DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}")
-  install(TARGETS dynup EXPORT dynupTargets)
+  install(TARGETS ${_dynup_targets} EXPORT dynupTargets
+    LIBRARY DESTINATION "${CMAKE_INSTALL_LIBDIR}")
   install(EXPORT dynupTargets NAMESPACE dynup:: DESTINATION "${DYNUP_CMAKE_DIR}")
   configure_package_config_file("${PROJECT_SOURCE_DIR}/cmake/dynupConfig.cmake.in"
     "${PROJECT_BINARY_DIR}/install/dynupConfig.cmake"

@@ -9,6 +9,9 @@ packages=(
   doctest-dev libbenchmark-dev          # tests and benchmarks
   nginx                                 # real nginx 1.22: the policies are checked against it
   etcd-server                           # real etcd 3.4: the etcd source is tested against it
+  libnginx-mod-http-lua lua-resty-core  # OpenResty's lua module for nginx 1.22: the Lua binding's e2e test
+  luajit2                               # OpenResty's LuaJIT (not `luajit`, which conflicts): the Lua tests
+  wrk                                   # HTTP load generator for the load tests
 )
 
 missing=()

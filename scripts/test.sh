@@ -3,7 +3,8 @@
 #   1. installs missing Debian packages,
 #   2. builds everything with -Wall -Wextra -Werror and runs every CTest test
 #      (unit, end-to-end, packaging, benchmark smoke run),
-#   3. rebuilds the unit tests under ASan+UBSan and under TSan and runs them.
+#   3. rebuilds the unit tests and the C ABI test under ASan+UBSan and under TSan and
+#      runs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -26,10 +27,10 @@ export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 export TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1
 for san in address,undefined thread; do
   dir="$root/build/test-${san//,/-}"
-  stage "unit tests under -fsanitize=$san in $dir"
+  stage "unit and C ABI tests under -fsanitize=$san in $dir"
   cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Debug -DDYNUP_SANITIZE="$san" -DDYNUP_WERROR=ON \
     -DDYNUP_BUILD_EXAMPLES=OFF -DDYNUP_BUILD_BENCH=OFF -DDYNUP_PACKAGE_TESTS=OFF >/dev/null
-  cmake --build "$dir" -j "$jobs" --target dynup_unit_tests
-  ctest --test-dir "$dir" -L unit --output-on-failure
+  cmake --build "$dir" -j "$jobs" --target dynup_unit_tests dynup_c_api_test
+  ctest --test-dir "$dir" -L 'unit|capi' --output-on-failure
 done
 stage "all tests passed"

@@ -13,6 +13,7 @@ vcpkg_cmake_configure(
         -DDYNUP_BUILD_TESTS=OFF
         -DDYNUP_BUILD_EXAMPLES=OFF
         -DDYNUP_BUILD_BENCH=OFF
+        -DDYNUP_BUILD_C_API=OFF # the port is the header-only library
         -DDYNUP_INSTALL=ON
 )
 vcpkg_cmake_install()

@@ -1,0 +1,405 @@
+-- resty.dynup: dynup upstreams for OpenResty's balancer_by_lua, over LuaJIT's FFI and
+-- libdynup_c (include/dynup/c/dynup.h). Peers come from a registry or a file, watched by
+-- dynup's own threads: nothing polls from Lua and nothing is decoded per request.
+--
+--   init_worker_by_lua_block {   -- one handle per worker: never in init_by_lua (the master)
+--       assert(require("resty.dynup").new({name = "api", source = "file:///etc/dynup/api.json"}))
+--   }
+--   balancer_by_lua_block {
+--       local dynup = require "resty.dynup"
+--       local up = dynup.get("api")
+--       local host, port, err = up:pick(ngx.var.http_x_key)
+--       if not host then ngx.log(ngx.ERR, err) return ngx.exit(dynup.NO_LIVE_UPSTREAMS) end
+--       if up:tries() == 1 then require("ngx.balancer").set_more_tries(2) end
+--       assert(require("ngx.balancer").set_current_peer(host, port))
+--   }
+--   log_by_lua_block { require("resty.dynup").get("api"):report() }
+--
+-- A pick lives in ngx.ctx from balancer_by_lua to log_by_lua. When nginx retries
+-- (proxy_next_upstream), balancer_by_lua runs again: pick() first reports the failed try
+-- (ngx.balancer.get_last_failure and the $upstream_* variables), then picks a peer not
+-- tried yet. Outside nginx every method takes the request's state as an explicit table.
+local ffi = require "ffi"
+
+local C_ABI_VERSION = 1
+local ERR_LEN = 512
+
+local ok_cdef, cdef_err = pcall(ffi.cdef, [[
+typedef struct dynup_upstream dynup_upstream;
+typedef struct dynup_selection {
+  uint64_t id_hash;
+  uint16_t port;
+  uint16_t host_len;
+  uint16_t peer_id_len;
+  uint16_t reserved_;
+  char host[256];
+  char peer_id[264];
+  uint64_t opaque_[16];
+} dynup_selection;
+const char* dynup_version(void);
+int dynup_abi_version(void);
+size_t dynup_selection_size(void);
+const char* dynup_strerror(int rc);
+dynup_upstream* dynup_upstream_new(const char* json_config, char* err, size_t err_len);
+void dynup_upstream_free(dynup_upstream* up);
+int dynup_pick(dynup_upstream* up, const char* key, size_t key_len, const uint64_t* exclude_id_hashes,
+               size_t n_exclude, dynup_selection* out, char* err, size_t err_len);
+int dynup_report(dynup_upstream* up, dynup_selection* sel, int status, int64_t latency_us, int connect_failure);
+void dynup_cancel(dynup_upstream* up, dynup_selection* sel);
+size_t dynup_status(dynup_upstream* up, char* buf, size_t len);
+uint64_t dynup_peer_id_hash(const char* id, size_t len);
+]])
+if not ok_cdef and not tostring(cdef_err):find("redefine", 1, true) then
+  error(cdef_err)
+end
+
+local ffi_new, ffi_string, ffi_gc, ffi_copy, ffi_cast = ffi.new, ffi.string, ffi.gc, ffi.copy, ffi.cast
+local type, tostring, tonumber, pairs, ipairs, setmetatable = type, tostring, tonumber, pairs, ipairs, setmetatable
+local concat, sort, floor, huge = table.concat, table.sort, math.floor, math.huge
+local ngx = rawget(_G, "ngx") -- nil in plain LuaJIT
+
+local _M = { _VERSION = "0.1.0" }
+
+-- What balancer_by_lua hands to ngx.exit when pick() finds no peer: NGX_BUSY, which
+-- nginx answers like its own "no live upstreams" (502). ngx.exit(502) or ngx.ERROR
+-- there would make a 500 on a stock nginx.
+_M.NO_LIVE_UPSTREAMS = -3
+
+-- Encodes as [] where an empty table would encode as {} (e.g. fail_statuses).
+_M.empty_array = setmetatable({}, { __tostring = function() return "resty.dynup.empty_array" end })
+
+local errbuf = ffi_new("char[?]", ERR_LEN)
+local status_len = 4096
+local status_buf = ffi_new("char[?]", status_len)
+local libs = {} -- path -> loaded library
+local registry = {} -- name -> the latest upstream made in this Lua VM (one per nginx worker)
+
+local Upstream = {}
+Upstream.__index = Upstream
+
+-- The library: opts.lib, else $DYNUP_C_LIB (nginx keeps it only with `env DYNUP_C_LIB;`),
+-- else libdynup_c.so through the dynamic loader's search path.
+local function load_lib(path)
+  path = path or os.getenv("DYNUP_C_LIB") or "dynup_c"
+  local lib = libs[path]
+  if lib then return lib end
+  local ok, loaded = pcall(ffi.load, path)
+  if not ok then
+    return nil, "resty.dynup: cannot load the dynup C library \"" .. path .. "\": " .. tostring(loaded)
+  end
+  local abi = loaded.dynup_abi_version()
+  if abi ~= C_ABI_VERSION or tonumber(loaded.dynup_selection_size()) ~= ffi.sizeof("dynup_selection") then
+    return nil, "resty.dynup: " .. path .. " has C ABI " .. abi .. ", this module speaks " .. C_ABI_VERSION
+  end
+  libs[path] = loaded
+  return loaded
+end
+
+-- JSON for a config table: objects with string keys (sorted), arrays 1..n, strings,
+-- finite numbers, booleans, and _M.empty_array. Errors name the path, like dynup's own.
+local function json_string(s)
+  return '"' .. s:gsub('[%c"\\]', function(c)
+    if c == '"' then return '\\"' end
+    if c == "\\" then return "\\\\" end
+    return string.format("\\u%04x", c:byte())
+  end) .. '"'
+end
+
+local function encode(v, path, out, depth)
+  local t = type(v)
+  if t == "string" then
+    out[#out + 1] = json_string(v)
+  elseif t == "number" then
+    if v ~= v or v == huge or v == -huge then error(path .. ": not a finite number", 0) end
+    if v == floor(v) and v >= -2 ^ 53 and v <= 2 ^ 53 then
+      out[#out + 1] = string.format("%d", v)
+    else
+      out[#out + 1] = string.format("%.17g", v)
+    end
+  elseif t == "boolean" then
+    out[#out + 1] = tostring(v)
+  elseif t == "table" then
+    if depth > 32 then error(path .. ": nested too deeply", 0) end
+    if v == _M.empty_array then
+      out[#out + 1] = "[]"
+      return
+    end
+    local n, count = #v, 0
+    for _ in pairs(v) do count = count + 1 end
+    if n > 0 and count == n then
+      out[#out + 1] = "["
+      for i = 1, n do
+        if i > 1 then out[#out + 1] = "," end
+        encode(v[i], path .. "[" .. (i - 1) .. "]", out, depth + 1)
+      end
+      out[#out + 1] = "]"
+      return
+    end
+    local keys = {}
+    for k in pairs(v) do
+      if type(k) ~= "string" then error(path .. ": a key is a " .. type(k) .. ", not a string", 0) end
+      keys[#keys + 1] = k
+    end
+    sort(keys)
+    out[#out + 1] = "{"
+    for i, k in ipairs(keys) do
+      if i > 1 then out[#out + 1] = "," end
+      out[#out + 1] = json_string(k)
+      out[#out + 1] = ":"
+      encode(v[k], path .. "." .. k, out, depth + 1)
+    end
+    out[#out + 1] = "}"
+  else
+    error(path .. ": cannot encode a " .. t, 0)
+  end
+end
+
+--- Encodes a config table as dynup's JSON (exposed for tests and for logging it).
+function _M.encode_config(cfg)
+  local out = {}
+  local ok, err = pcall(encode, cfg, "upstream", out, 0)
+  if not ok then return nil, err end
+  return concat(out)
+end
+
+--- Starts an upstream: `cfg` is a table or a JSON string (docs/UPSTREAM.md), `opts.lib`
+--- the path of libdynup_c.so. Returns the upstream, or nil and the reason (a config
+--- error names its JSON path). Blocks until the first peer set is read. In nginx, call
+--- it in init_worker_by_lua: each worker needs its own handle. The upstream is also
+--- registered under its name for get().
+function _M.new(cfg, opts)
+  opts = opts or {}
+  local json, err
+  if type(cfg) == "string" then
+    json = cfg
+  elseif type(cfg) == "table" then
+    json, err = _M.encode_config(cfg)
+    if not json then return nil, "resty.dynup.new: " .. err end
+  else
+    return nil, "resty.dynup.new: the config must be a table or a JSON string, got a " .. type(cfg)
+  end
+  local lib
+  lib, err = load_lib(opts.lib)
+  if not lib then return nil, err end
+
+  local owner = lib.dynup_upstream_new(json, errbuf, ERR_LEN)
+  if owner == nil then return nil, ffi_string(errbuf) end
+  -- Finalizers run in any order at lua_close, so no finalizer may touch the handle after
+  -- it is freed: picks reach it through `box`, which the handle's finalizer empties first.
+  -- `box` holds a non-owning copy of the pointer, so picks do not keep the handle alive.
+  local box = { h = ffi_cast("dynup_upstream*", owner) }
+  ffi_gc(owner, function(h)
+    box.h = nil
+    lib.dynup_upstream_free(h)
+  end)
+
+  local self = setmetatable({
+    lib = lib,
+    _owner = owner,
+    _box = box,
+    -- Ends a pick whose request state was dropped without report() (an internal
+    -- redirect, a bug): the in-flight count comes back. A no-op on ended picks.
+    _fin = function(sel)
+      local h = box.h
+      if h ~= nil then lib.dynup_cancel(h, sel) end
+    end,
+  }, Upstream)
+  self.name = self:status():match('^{"name":"([^"]*)"') or "?"
+  self._ctx_key = "resty.dynup." .. self.name
+  registry[self.name] = self
+  return self
+end
+
+--- The upstream new() last made under `name` in this Lua VM (this nginx worker), or nil.
+function _M.get(name)
+  return registry[name]
+end
+
+--- The version of the loaded dynup C library, or nil and why it cannot be loaded.
+function _M.version(lib_path)
+  local lib, err = load_lib(lib_path)
+  if not lib then return nil, err end
+  return ffi_string(lib.dynup_version())
+end
+
+--- The id_hash dynup gives the peer id `id` (what pick() excludes on a retry).
+function _M.peer_id_hash(id, lib_path)
+  local lib = assert(load_lib(lib_path))
+  return lib.dynup_peer_id_hash(id, #id)
+end
+
+local function in_request()
+  return ngx ~= nil and ngx.get_phase ~= nil and ngx.get_phase() ~= "init" and ngx.get_phase() ~= "init_worker"
+end
+
+local function request_state(self, ctx)
+  if ctx == nil then
+    if not in_request() then return nil, "resty.dynup: outside an nginx request, pass the request's state table" end
+    ctx = ngx.ctx
+  end
+  local st = ctx[self._ctx_key]
+  if st == nil then
+    st = { sel = nil, live = false, tries = 0, tried = nil, n = 0, cap = 0 }
+    ctx[self._ctx_key] = st
+  end
+  return st
+end
+
+-- The last entry of an $upstream_* variable ("0.001, 0.002 : 0.003" → "0.003").
+local function last_entry(value)
+  return value and value:match("([^%s,:]+)[%s,:]*$")
+end
+
+local function seconds_to_us(s)
+  local v = tonumber(s)
+  if not v or v < 0 then return 0 end
+  return floor(v * 1e6 + 0.5)
+end
+
+-- Remembers the ended pick's peer, for exclusion on the next try of this request.
+local function add_tried(st)
+  if st.n == st.cap then
+    local cap = st.cap == 0 and 4 or st.cap * 2
+    local grown = ffi_new("uint64_t[?]", cap)
+    if st.n > 0 then ffi_copy(grown, st.tried, st.n * 8) end
+    st.tried, st.cap = grown, cap
+  end
+  st.tried[st.n] = st.sel.id_hash
+  st.n = st.n + 1
+end
+
+local function end_pick(self, st, status, latency_us, connect_failure)
+  local h = self._box.h
+  st.live = false
+  add_tried(st)
+  if h == nil then return nil, "resty.dynup: upstream " .. self.name .. " is closed" end
+  if status == nil then
+    self.lib.dynup_cancel(h, st.sel)
+    return true
+  end
+  local rc = self.lib.dynup_report(h, st.sel, status, latency_us, connect_failure and 1 or 0)
+  if rc ~= 0 then return nil, "resty.dynup: report: " .. ffi_string(self.lib.dynup_strerror(rc)) end
+  return true
+end
+
+-- nginx is retrying: balancer_by_lua runs again after the previous try failed. Its
+-- state is the last entry of each $upstream_* variable: the try being set up now has
+-- no peer yet, and nginx 1.22 prints such an entry as a bare " : " ("502 : ").
+local function report_failed_try(self, st)
+  local state, code = require("ngx.balancer").get_last_failure()
+  local var = ngx.var
+  local connect = last_entry(var.upstream_connect_time)
+  local header = last_entry(var.upstream_header_time)
+  local latency = seconds_to_us(last_entry(var.upstream_response_time))
+  if connect == "-" then
+    return end_pick(self, st, 0, latency, true)
+  elseif header == "-" or (connect == nil and state == "failed") then
+    return end_pick(self, st, 0, latency, false) -- no reply: timeout, reset, bad header
+  end
+  return end_pick(self, st, tonumber(code) or 0, latency, false)
+end
+
+--- Picks a peer for this request: `host, port` (an IPv6 host comes in brackets, as
+--- ngx.balancer.set_current_peer wants it), or nil, nil and the reason ("upstream api:
+--- all peers unavailable"). In balancer_by_lua the request's state lives in ngx.ctx; a
+--- second call for one request is a retry: the previous try is reported as failed
+--- first, and every peer tried so far is excluded. Outside nginx pass `ctx`, a table
+--- kept for the request: a pick while the previous one is live reports that one as a
+--- failed connection, as nginx would.
+function Upstream:pick(key, ctx)
+  local h = self._box.h
+  if h == nil then return nil, nil, "resty.dynup: upstream " .. self.name .. " is closed" end
+  local st, err = request_state(self, ctx)
+  if not st then return nil, nil, err end
+  if st.live then
+    if ctx == nil and ngx.get_phase() == "balancer" then
+      report_failed_try(self, st)
+    else
+      end_pick(self, st, 0, 0, true)
+    end
+  end
+  if st.sel == nil then st.sel = ffi_gc(ffi_new("dynup_selection"), self._fin) end
+  if key ~= nil and type(key) ~= "string" then key = tostring(key) end
+  local sel = st.sel
+  local rc = self.lib.dynup_pick(h, key, key and #key or 0, st.tried, st.n, sel, errbuf, ERR_LEN)
+  if rc ~= 0 then return nil, nil, ffi_string(errbuf) end
+  st.live = true
+  st.tries = st.tries + 1
+  local host = ffi_string(sel.host, sel.host_len)
+  if host:find(":", 1, true) then host = "[" .. host .. "]" end
+  return host, sel.port
+end
+
+--- Ends this request's live pick with its outcome. In log_by_lua, with no arguments,
+--- the outcome is the last entry of $upstream_status, $upstream_connect_time,
+--- $upstream_header_time and $upstream_response_time (no connection: a connect failure;
+--- no header: no reply; a client that left before any reply: cancelled, not a failure).
+--- Explicitly: `status` (0: no reply), `latency` in seconds, `connect_failure`; `ctx` is
+--- the request's state table (nil in nginx: ngx.ctx). Returns true, or nil and why
+--- ("no live pick" when there is nothing to end).
+function Upstream:report(ctx, status, latency, connect_failure)
+  local st, err = request_state(self, ctx)
+  if not st then return nil, err end
+  if not st.live then return nil, "resty.dynup: no live pick to report" end
+  if status ~= nil then
+    return end_pick(self, st, status, seconds_to_us(latency), connect_failure)
+  end
+  if not in_request() then return nil, "resty.dynup: report outside nginx needs a status" end
+  local var = ngx.var
+  local connect = last_entry(var.upstream_connect_time)
+  local header = last_entry(var.upstream_header_time)
+  local latency_us = seconds_to_us(last_entry(var.upstream_response_time))
+  if connect == "-" then return end_pick(self, st, 0, latency_us, true) end
+  if header == "-" or header == nil then
+    if ngx.status == 499 or var.status == "499" then return end_pick(self, st, nil) end
+    return end_pick(self, st, 0, latency_us, false)
+  end
+  return end_pick(self, st, tonumber(last_entry(var.upstream_status)) or 0, latency_us, false)
+end
+
+--- Ends this request's live pick without an outcome (the request was never sent).
+function Upstream:cancel(ctx)
+  local st, err = request_state(self, ctx)
+  if not st then return nil, err end
+  if not st.live then return nil, "resty.dynup: no live pick to cancel" end
+  return end_pick(self, st, nil)
+end
+
+--- How many peers this request has been given so far (1 on its first try).
+function Upstream:tries(ctx)
+  local st = request_state(self, ctx)
+  return st and st.tries or 0
+end
+
+--- The id of the peer this request was last given, or nil.
+function Upstream:peer_id(ctx)
+  local st = request_state(self, ctx)
+  if not st or st.sel == nil or st.tries == 0 then return nil end
+  return ffi_string(st.sel.peer_id, st.sel.peer_id_len)
+end
+
+--- The upstream's status as a JSON string (docs/UPSTREAM.md, "Status").
+function Upstream:status()
+  local h = self._box.h
+  if h == nil then return '{"error":"resty.dynup: upstream ' .. tostring(self.name) .. ' is closed"}' end
+  for _ = 1, 4 do
+    local n = tonumber(self.lib.dynup_status(h, status_buf, status_len))
+    if n < status_len then return ffi_string(status_buf, n) end
+    status_len = n + 1024
+    status_buf = ffi_new("char[?]", status_len)
+  end
+  return '{"error":"resty.dynup: the status keeps growing"}'
+end
+
+--- Stops the upstream's threads and frees it; picks still live become void. Idempotent.
+function Upstream:close()
+  local owner = self._owner
+  if owner == nil then return end
+  self._box.h = nil
+  self._owner = nil
+  if registry[self.name] == self then registry[self.name] = nil end
+  ffi_gc(owner, nil)
+  self.lib.dynup_upstream_free(owner)
+end
+
+return _M

@@ -1,0 +1,184 @@
+// The Lua binding (examples/lua/lib/resty/dynup.lua over libdynup_c) in a real nginx
+// 1.22 with lua-nginx-module and two workers: traffic follows the peer file, a change
+// to the file moves it without a reload, and a dead peer is retried on a live one.
+// nginx, the lua module and lua-resty-core are required: without them these tests fail.
+#include <support/lua_nginx.hpp>
+#include <support/wait.hpp>
+
+#include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace {
+
+using dynup_test::LuaNginx;
+using dynup_test::LuaReply;
+using nlohmann::json;
+using namespace std::chrono_literals;
+using steady = std::chrono::steady_clock;
+
+// CI installs them, so their absence is a broken setup to report, never a skip.
+void require_lua_nginx() {
+  std::string why = dynup_test::lua_nginx_missing_reason(dynup_test::nginx_binary());
+  REQUIRE_MESSAGE(why.empty(), why);
+}
+
+std::string describe(const LuaReply& r) {
+  if (r.status == 0) return "no response (" + r.error + ")";
+  return std::to_string(r.status) + " \"" + r.body + "\" from worker " + r.worker_pid + ", upstream status \"" +
+         r.upstream_status + "\"";
+}
+
+// Each worker's status JSON, asked on fresh connections until both have answered.
+std::map<std::string, json> status_by_worker(LuaNginx& ngx) {
+  std::map<std::string, json> out;
+  for (int i = 0; i < 200 && out.size() < 2; ++i) {
+    LuaReply r = ngx.get("/status");
+    REQUIRE_MESSAGE(r.status == 200, describe(r));
+    out[r.worker_pid] = json::parse(r.body);
+  }
+  REQUIRE_MESSAGE(out.size() == 2, "only " << out.size() << " worker(s) answered /status");
+  return out;
+}
+
+const json* peer_by_id(const json& status, const std::string& id) {
+  for (const json& p : status.at("peers"))
+    if (p.at("id") == id) return &p;
+  return nullptr;
+}
+
+} // namespace
+
+TEST_CASE("lua binding: traffic reaches exactly the peers in the file, from both workers") {
+  require_lua_nginx();
+  LuaNginx ngx(3, 0, {0, 1});
+  std::map<std::string, int> by_backend;
+  std::set<std::string> workers;
+  for (int i = 0; i < 60; ++i) {
+    LuaReply r = ngx.get();
+    REQUIRE_MESSAGE(r.status == 200, describe(r) << "\nerror log:\n" << ngx.error_log());
+    ++by_backend[r.body];
+    workers.insert(r.worker_pid);
+  }
+  MESSAGE("60 requests: backend 0 served " << by_backend["0"] << ", backend 1 " << by_backend["1"] << ", workers "
+                                           << workers.size());
+  CHECK(by_backend.size() == 2);
+  CHECK(by_backend["0"] > 0);
+  CHECK(by_backend["1"] > 0);
+  CHECK(by_backend.count("2") == 0);
+  CHECK(workers.size() == 2);
+
+  // Each worker has its own handle, each reading the same file.
+  for (const auto& [worker, status] : status_by_worker(ngx)) {
+    INFO("worker " << worker << ": " << status.dump());
+    CHECK(status.at("name") == "api");
+    CHECK(status.at("peers").size() == 2);
+    for (const json& p : status.at("peers")) CHECK(p.at("in_flight") == 0);
+  }
+  CHECK(ngx.error_log().find("[error]") == std::string::npos);
+}
+
+TEST_CASE("lua binding: a file change moves the traffic of both workers within 1 s, without a reload") {
+  require_lua_nginx();
+  LuaNginx ngx(3, 0, {0, 1});
+  for (int i = 0; i < 20; ++i) REQUIRE_MESSAGE(ngx.get().status == 200, ngx.error_log());
+  const pid_t master = ngx.master_pid();
+
+  // From the write on, every response is recorded; the traffic has moved once the last
+  // responses all come from the new peer, on both workers.
+  ngx.write_peers(ngx.peers_doc({2}));
+  const auto written = steady::now();
+  constexpr std::size_t settled_run = 40; // consecutive responses from backend 2
+  std::vector<LuaReply> replies;
+  std::vector<steady::duration> sent_at;
+  std::size_t run_start = 0; // index of the first reply of the current all-"2" run
+  bool settled = false;
+  int errors = 0;
+  while (replies.size() < 5000 && steady::now() - written < 5s) {
+    sent_at.push_back(steady::now() - written);
+    replies.push_back(ngx.get());
+    const LuaReply& r = replies.back();
+    if (r.status != 200) ++errors;
+    if (r.body != "2") run_start = replies.size();
+    if (replies.size() - run_start >= settled_run) {
+      std::set<std::string> run_workers;
+      for (std::size_t i = run_start; i < replies.size(); ++i) run_workers.insert(replies[i].worker_pid);
+      if (run_workers.size() == 2) {
+        settled = true;
+        break;
+      }
+    }
+  }
+  REQUIRE_MESSAGE(settled, "traffic did not settle on the new peer within 5 s (" << replies.size()
+                                                                                 << " requests)\nerror log:\n"
+                                                                                 << ngx.error_log());
+  auto moved = std::chrono::duration_cast<std::chrono::microseconds>(sent_at[run_start]);
+  std::size_t old_after_write = run_start;
+  MESSAGE("file change: every request goes to the new peer from " << moved.count() / 1000.0
+                                                                    << " ms after the write (" << old_after_write
+                                                                    << " request(s) still went to the old peers, "
+                                                                    << replies.size() << " sent, " << errors
+                                                                    << " error(s))");
+  CHECK(moved < 1s);
+  CHECK(errors == 0);
+  CHECK(ngx.master_pid() == master);
+  // No reload: the workers serving now are the ones that served before the change.
+  std::set<std::string> before, after;
+  for (std::size_t i = run_start; i < replies.size(); ++i) after.insert(replies[i].worker_pid);
+  for (const auto& [worker, status] : status_by_worker(ngx)) {
+    before.insert(worker);
+    CHECK(status.at("peers").size() == 1);
+    CHECK(status.at("version") == 2);
+  }
+  CHECK(after == before);
+}
+
+TEST_CASE("lua binding: a dead peer is retried on a live one, with no client errors") {
+  require_lua_nginx();
+  LuaNginx ngx(2, 1, {0, 1});
+  ngx.write_peers(ngx.peers_doc({0, 1}, {0})); // add a port nothing listens on
+  // Both workers see the new file before the traffic starts.
+  REQUIRE(dynup_test::wait_until(
+      [&] {
+        for (const auto& [worker, status] : status_by_worker(ngx))
+          if (status.at("peers").size() != 3) return false;
+        return true;
+      },
+      5000ms));
+
+  int errors = 0, retried = 0;
+  std::map<std::string, int> by_backend;
+  for (int i = 0; i < 90; ++i) {
+    LuaReply r = ngx.get();
+    if (r.status != 200 || (r.body != "0" && r.body != "1")) {
+      ++errors;
+      MESSAGE("request " << i << ": " << describe(r));
+      continue;
+    }
+    ++by_backend[r.body];
+    if (r.upstream_status.find("502, ") == 0) ++retried;
+  }
+  MESSAGE("dead peer: 90 requests, " << errors << " client error(s), " << retried
+                                     << " retried after a refused connection, backend 0 served " << by_backend["0"]
+                                     << ", backend 1 " << by_backend["1"]);
+  CHECK(errors == 0);
+  CHECK(retried >= 1);
+  CHECK(by_backend["0"] > 0);
+  CHECK(by_backend["1"] > 0);
+
+  // Every pick ended (retried tries in balancer_by_lua, final ones in log_by_lua), and
+  // the refused connections reached passive health (max_fails 1 by default).
+  for (const auto& [worker, status] : status_by_worker(ngx)) {
+    INFO("worker " << worker << ": " << status.dump());
+    for (const json& p : status.at("peers")) CHECK(p.at("in_flight") == 0);
+    const json* dead = peer_by_id(status, "dead0");
+    REQUIRE(dead != nullptr);
+    CHECK(dead->at("available") == false);
+    CHECK(dead->at("reason").get<std::string>().find("passive") != std::string::npos);
+  }
+}
