@@ -116,6 +116,22 @@ public:
     return delay;
   }
 
+  /// A watcher's first fetch failed (`what`: "first fetch", "first range"). Under
+  /// strong_dependency: the error start() returns. Otherwise the failure is recorded
+  /// (`back_off`: counted with a backoff, else only reported, for a source that answered
+  /// and can be retried at once), the last-known-good snapshot is served if there is one,
+  /// and the result is the delay before the watcher's loop tries again.
+  Result<std::chrono::milliseconds> first_fetch_failed(const Error& e, const std::string& what, bool back_off) {
+    if (options_.strong_dependency) return e.with_context(what + " failed and strong_dependency is set");
+    std::chrono::milliseconds delay{0};
+    if (back_off)
+      delay = failed(e);
+    else
+      report(e);
+    load_fallback();
+    return delay;
+  }
+
   /// Loads the last-known-good snapshot into the publisher, marked stale. Reports and
   /// returns false when there is none or it is unreadable.
   bool load_fallback() {

@@ -68,13 +68,10 @@ public:
     Result<void> first = w->range();
     if (first) first = w->publish({});
     if (!first) {
-      if (w->core_.options().strong_dependency)
-        return first.error().with_context("first range failed and strong_dependency is set");
-      if (w->need_range_)
-        w->first_delay_ = w->core_.failed(first.error());
-      else
-        w->core_.report(first.error()); // etcd answered: watch for the fix right away
-      w->core_.load_fallback();
+      // When etcd answered (only the data was bad), watch for the fix right away.
+      auto delay = w->core_.first_fetch_failed(first.error(), "first range", w->need_range_);
+      if (!delay) return delay.error();
+      w->first_delay_ = *delay;
     }
     w->thread_ = std::thread([p = w.get()] { p->run(); });
     return w;

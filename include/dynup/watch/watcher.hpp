@@ -62,10 +62,9 @@ public:
                                                            std::move(on_error)));
     Result<void> first = w->fetch_once();
     if (!first) {
-      if (w->core_.options().strong_dependency)
-        return first.error().with_context("first fetch failed and strong_dependency is set");
-      w->first_delay_ = w->core_.failed(first.error());
-      w->core_.load_fallback();
+      auto delay = w->core_.first_fetch_failed(first.error(), "first fetch", true);
+      if (!delay) return delay.error();
+      w->first_delay_ = *delay;
     }
     w->thread_ = std::thread([p = w.get()] { p->run(); });
     return w;
