@@ -14,6 +14,7 @@
 #include <dynup/balance/policy.hpp>
 #include <dynup/detail/lease.hpp>
 #include <dynup/detail/rcu.hpp>
+#include <dynup/detail/shared_member.hpp>
 #include <dynup/health/active.hpp>
 #include <dynup/health/clock.hpp>
 #include <dynup/health/tracker.hpp>
@@ -129,12 +130,32 @@ public:
     auto policy = make_policy(config.policy, config.policy_options);
     if (!policy) return policy.error().with_context("upstream " + config.name);
     std::unique_ptr<Upstream> up(new Upstream(std::move(config), std::move(policy).value(), clock));
-    up->start_checker();
-    auto watcher = Watcher::start(
-        up->publisher_, up->config_.source, up->config_.watch, [p = up.get()](const Snapshot&) { p->wake(true); },
-        std::move(on_error));
-    if (!watcher) return watcher.error().with_context("upstream " + up->config_.name);
-    up->watcher_ = std::move(watcher).value();
+    up->on_error_ = std::move(on_error);
+    if (up->config_.shared.enabled) {
+      // One process of the host leads (watches, probes, writes the region); the others
+      // follow the region. start() leads when nobody does.
+      Upstream* p = up.get();
+      detail::SharedMember::Hooks hooks;
+      hooks.lead = [p] { return p->lead(); };
+      hooks.adopt = [p](PeerSet set) {
+        p->publisher_.publish(std::move(set));
+        p->wake(true);
+      };
+      hooks.on_error = [p](const Error& e) {
+        if (p->on_error_) p->on_error_(e);
+      };
+      auto member = detail::SharedMember::open(up->config_.shared, std::move(hooks));
+      if (!member) return member.error().with_context("upstream " + up->config_.name);
+      up->shared_ = std::move(member).value();
+      up->shared_->start();
+      std::lock_guard<std::mutex> lock(up->roles_mu_);
+      // As without sharing: a first fetch that failed under strong_dependency fails
+      // start(), unless another process had a set to share.
+      if (up->lead_error_ && up->publisher_.version() == 0) return *up->lead_error_;
+    } else if (!up->lead()) {
+      std::lock_guard<std::mutex> lock(up->roles_mu_);
+      return *up->lead_error_;
+    }
     up->rebuild(); // pick() works as soon as start() returns
     up->thread_ = std::thread([p = up.get()] { p->run(); });
     return up;
@@ -156,6 +177,7 @@ public:
   /// selection with a peer must end: report() once the request ends, or cancel() (or
   /// its destructor) when it is never sent. noexcept, no allocation, no lock.
   UpstreamSelection pick(const PickContext& ctx = {}) const noexcept {
+    if (shared_) shared_->notice(); // a follower: one load of the shared version
     UpstreamSelection out;
     // This thread's cache holds `table` until its next get(): the lease is taken while
     // that reference keeps the table reachable (see sweep()).
@@ -195,7 +217,7 @@ public:
   nlohmann::ordered_json status() const {
     using nlohmann::ordered_json;
     auto table = tables_.load();
-    WatcherStatus ws = watcher_.status();
+    WatcherStatus ws = watcher_status();
     ordered_json j;
     j["name"] = config_.name;
     j["source"] = ws.source;
@@ -244,6 +266,7 @@ public:
       peers.push_back(std::move(e));
     }
     j["peers"] = std::move(peers);
+    if (shared_) j["shared"] = shared_->status();
     return j;
   }
 
@@ -255,8 +278,12 @@ public:
       stopping_ = true;
     }
     cv_.notify_all();
-    watcher_.stop();
-    if (checker_) checker_->stop();
+    if (shared_) shared_->stop(); // no new lead; the lock is released for another process
+    {
+      std::lock_guard<std::mutex> lock(roles_mu_);
+      watcher_.stop();
+      if (checker_) checker_->stop();
+    }
     if (thread_.joinable()) thread_.join();
   }
 
@@ -265,7 +292,12 @@ public:
   /// The publisher the watcher feeds (to observe versions, or to publish by hand when
   /// the source is yours).
   Publisher& publisher() noexcept { return publisher_; }
-  WatcherStatus watcher_status() const { return watcher_.status(); }
+  /// The watcher's status; a follower process of a shared upstream has no watcher (an
+  /// empty status: see status()["shared"]).
+  WatcherStatus watcher_status() const {
+    std::lock_guard<std::mutex> lock(roles_mu_);
+    return watcher_.status();
+  }
 
 private:
   Upstream(UpstreamConfig config, std::unique_ptr<Policy> policy, const Clock& clock)
@@ -283,15 +315,58 @@ private:
     return t;
   }
 
-  void start_checker() {
-    if (config_.health.active.kind == ActiveCheckOptions::Kind::none) return;
-    checker_.emplace(config_.health.active, [this](const ProbeResult& r) {
-      auto table = tables_.load();
-      const Peer* p = table->set->find(r.id);
-      if (p == nullptr) return; // left the set since
-      auto i = static_cast<std::size_t>(p - &(*table->set)[0]);
-      if (i < table->health.size() && tracker_.report_active(*table->health[i], r.ok, r.reason)) wake(false);
-    });
+  // Starts watching the source and probing the peers: always without sharing, and in
+  // the leading process with it. false (the error in lead_error_ and on_error_): the
+  // watcher could not start. Any thread but the rebuild thread; once at a time.
+  bool lead() {
+    std::unique_ptr<ActiveChecker> checker;
+    if (config_.health.active.kind != ActiveCheckOptions::Kind::none)
+      checker = std::make_unique<ActiveChecker>(config_.health.active, [this](const ProbeResult& r) {
+        auto table = tables_.load();
+        const Peer* p = table->set->find(r.id);
+        if (p == nullptr) return; // left the set since
+        auto i = static_cast<std::size_t>(p - &(*table->set)[0]);
+        if (i < table->health.size() && tracker_.report_active(*table->health[i], r.ok, r.reason)) wake(false);
+      });
+    {
+      std::lock_guard<std::mutex> lock(roles_mu_);
+      checker_ = std::move(checker);
+    }
+    auto watcher = Watcher::start(
+        publisher_, config_.source, config_.watch, [this](const Snapshot&) { wake(true); }, on_error_);
+    if (!watcher) {
+      Error e = watcher.error().with_context("upstream " + config_.name);
+      {
+        std::lock_guard<std::mutex> lock(roles_mu_);
+        if (checker_) checker_->stop();
+        checker_.reset();
+        lead_error_ = e;
+      }
+      if (shared_ && on_error_) on_error_(e); // start() returns it otherwise
+      return false;
+    }
+    std::lock_guard<std::mutex> lock(roles_mu_);
+    lead_error_.reset();
+    watcher_ = std::move(watcher).value();
+    if (checker_) checker_->set_targets(*publisher_.current());
+    wake(true); // a leader writes the region on its next rebuild
+    return true;
+  }
+
+  // What a leader shares: its set, with the peers its active checks failed marked
+  // critical (and why), so followers route around them too.
+  static PeerSet shared_view(const PeerSet& set, const HealthReport& report) {
+    bool any = false;
+    for (const auto& st : report.peers) any = any || !st.active_down.empty();
+    if (!any) return set;
+    std::vector<Peer> peers = set.peers();
+    for (std::size_t i = 0; i < peers.size() && i < report.peers.size(); ++i) {
+      if (report.peers[i].active_down.empty()) continue;
+      peers[i].health = Health::critical;
+      peers[i].meta[shared_active_key] = report.peers[i].active_down;
+    }
+    auto made = PeerSet::make(std::move(peers), set.source_index());
+    return made ? std::move(made).value() : set;
   }
 
   // A new set (from the watcher) or a health change (from a report or a probe).
@@ -315,6 +390,7 @@ private:
       t->health = previous->health;
     } else {
       t->health = tracker_.attach(*set);
+      std::lock_guard<std::mutex> lock(roles_mu_);
       if (checker_) checker_->set_targets(*set);
     }
     t->report = tracker_.view(*set, t->health);
@@ -324,6 +400,7 @@ private:
       t->shared_stats = i < t->health.size() && t->picker->stats_at(i) == &HealthTracker::stats_of(*t->health[i]);
     t->number = previous->number + 1;
     std::optional<Clock::time_point> next = t->report.next_change;
+    if (shared_ && shared_->leader()) shared_->publish(shared_view(*set, t->report));
     tables_.store(std::move(t));
     // Selections may still point into the previous table: keep it until they end.
     retired_.push_back(std::move(previous));
@@ -393,8 +470,12 @@ private:
   std::unique_ptr<Policy> policy_;
   HealthTracker tracker_;
   detail::RcuCell<detail::UpstreamTable> tables_;
-  std::optional<ActiveChecker> checker_;
+  ErrorCallback on_error_;
+  std::unique_ptr<detail::SharedMember> shared_; // set in start(), then read-only
+  mutable std::mutex roles_mu_;                  // guards the three below: lead() runs late in a follower
+  std::unique_ptr<ActiveChecker> checker_;
   Watcher watcher_;
+  std::optional<Error> lead_error_;
 
   mutable std::mutex build_mu_; // one rebuild at a time; guards retired_
   std::vector<std::shared_ptr<const detail::UpstreamTable>> retired_;

@@ -31,6 +31,20 @@
 DYNUP_NAMESPACE_BEGIN
 
 /// One upstream, checked. A plain value.
+/// Cross-process sharing (the "shared" section): the processes of one host that run the
+/// same upstream elect one leader with a lock file; the leader watches the source, runs
+/// the active checks and writes each set into a shared-memory region; the others read
+/// it. See docs/SHARED.md.
+struct SharedConfig {
+  bool enabled = false;
+  std::string dir = "/dev/shm";                ///< where <name>.dynup and <name>.lock live
+  std::string name;                            ///< region name; empty: the upstream's name
+  std::size_t capacity = std::size_t{1} << 20; ///< bytes per buffer of encoded peers
+  std::chrono::milliseconds retry{250};        ///< how often a follower tries to lead
+  std::chrono::milliseconds poll{100};         ///< a follower's version check without picks
+  std::chrono::milliseconds first_wait{2000};  ///< a follower's wait for a first set at start
+};
+
 struct UpstreamConfig {
   std::string name;                      ///< [A-Za-z0-9_.-], 1..64 characters
   std::string source;                    ///< a spec Watcher::start accepts
@@ -38,6 +52,7 @@ struct UpstreamConfig {
   nlohmann::json policy_options;         ///< null: the policy's defaults
   AnyWatchOptions watch;                 ///< guards, snapshot_path, timing
   HealthOptions health;
+  SharedConfig shared;                   ///< off unless the "shared" section is present
 };
 
 namespace detail {
@@ -145,7 +160,7 @@ inline Result<UpstreamConfig> parse_upstream_config(const nlohmann::json& doc) {
   std::optional<Error> error;
   UpstreamConfig c;
   detail::ConfigReader top(doc, "upstream", error,
-                           {"name", "source", "policy", "guards", "snapshot_path", "watch", "health"});
+                           {"name", "source", "policy", "guards", "snapshot_path", "watch", "health", "shared"});
   if (error) return *error;
   for (const char* required : {"name", "source"})
     if (!top.get(required)) return Error(Errc::invalid_argument, top.at(required) + ": required");
@@ -204,6 +219,24 @@ inline Result<UpstreamConfig> parse_upstream_config(const nlohmann::json& doc) {
     Result<HealthOptions> health = health_options_from_json(*h, top.at("health"));
     if (!health) return health.error();
     c.health = std::move(health).value();
+  }
+
+  if (const nlohmann::json* sh = top.get("shared")) {
+    detail::ConfigReader shared(*sh, top.at("shared"), error,
+                                {"dir", "name", "capacity_bytes", "retry_ms", "poll_ms", "first_wait_ms"});
+    c.shared.enabled = true;
+    shared.text("dir", c.shared.dir);
+    c.shared.name = c.name;
+    shared.text("name", c.shared.name);
+    if (!error && !detail::valid_upstream_name(c.shared.name))
+      shared.fail(shared.at("name"), "\"" + c.shared.name + "\" must be 1..64 characters of A-Z a-z 0-9 _ . -");
+    std::uint64_t capacity = c.shared.capacity;
+    shared.integer("capacity_bytes", 1024, std::uint64_t{1} << 30, capacity);
+    c.shared.capacity = static_cast<std::size_t>(capacity);
+    shared.millis("retry_ms", 10, 60000, c.shared.retry);
+    shared.millis("poll_ms", 1, 60000, c.shared.poll);
+    shared.millis("first_wait_ms", 0, 600000, c.shared.first_wait);
+    if (error) return *error;
   }
   return c;
 }

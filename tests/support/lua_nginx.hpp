@@ -28,6 +28,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #ifndef DYNUP_C_LIB
@@ -87,7 +88,8 @@ class LuaNginx {
 public:
   /// `backends` answering servers, `dead` ports with nothing listening; the peer file
   /// starts with the backends in `initial` (indices). `upstream_extra` is merged into
-  /// the upstream's JSON config (policy, health, …).
+  /// the upstream's JSON config (policy, health, shared, or a "source" other than the
+  /// peer file).
   LuaNginx(std::size_t backends, std::size_t dead, std::vector<std::size_t> initial,
            nlohmann::json upstream_extra = nlohmann::json::object())
       : backends_(backends), dead_(dead), initial_(std::move(initial)), extra_(std::move(upstream_extra)) {
@@ -123,6 +125,15 @@ public:
       peers.push_back({{"id", "b" + std::to_string(i)}, {"host", "127.0.0.1"}, {"port", backend_port(i)}});
     for (std::size_t i : dead)
       peers.push_back({{"id", "dead" + std::to_string(i)}, {"host", "127.0.0.1"}, {"port", dead_port(i)}});
+    return nlohmann::json{{"peers", peers}}.dump();
+  }
+
+  /// A peer document of backends by index (ids "b<i>") with their weights.
+  std::string weighted_peers_doc(const std::vector<std::pair<std::size_t, std::uint32_t>>& backends) const {
+    nlohmann::json peers = nlohmann::json::array();
+    for (const auto& [i, weight] : backends)
+      peers.push_back(
+          {{"id", "b" + std::to_string(i)}, {"host", "127.0.0.1"}, {"port", backend_port(i)}, {"weight", weight}});
     return nlohmann::json{{"peers", peers}}.dump();
   }
 
@@ -168,7 +179,7 @@ private:
     const std::string& d = dir_.path();
     nlohmann::json upstream = extra_;
     upstream["name"] = "api";
-    upstream["source"] = "file://" + peer_file();
+    if (!upstream.contains("source")) upstream["source"] = "file://" + peer_file();
     std::string c;
     c += "load_module " + modules_ + "/ndk_http_module.so;\n";
     c += "load_module " + modules_ + "/ngx_http_lua_module.so;\n";

@@ -130,7 +130,15 @@ struct PeerHealthStatus {
   bool ejected = false;
   unsigned active_failures = 0;  ///< consecutive failed probes
   unsigned active_successes = 0; ///< consecutive successful probes
+  /// While active checks hold the peer unhealthy, why ("3 consecutive failures
+  /// (connection refused)"); empty otherwise.
+  std::string active_down;
 };
+
+/// The meta key a leader process sets (with PeerHealthStatus::active_down) on the peers
+/// its active checks failed, in the sets it shares with followers, whose peers carry
+/// Health::critical: followers then show the leader's reason.
+inline constexpr const char* shared_active_key = "dynup.active_down";
 
 /// What HealthTracker::view decided, parallel to the set it was given.
 struct HealthReport {
@@ -338,8 +346,12 @@ public:
         if (!reason.empty()) reason += "; ";
         reason += text;
       };
-      if (p.health == Health::critical)
-        add(PeerState::unhealthy, "registry: critical");
+      if (p.health == Health::critical) {
+        // A set shared by a leader process marks the peers its active checks failed.
+        auto marked = p.meta.find(shared_active_key);
+        add(PeerState::unhealthy, marked != p.meta.end() ? "active (leader process): " + marked->second
+                                                         : std::string("registry: critical"));
+      }
       else if (p.health != Health::passing)
         add(PeerState::warning, std::string("registry: ") + to_string(p.health));
 
@@ -531,12 +543,15 @@ private:
     st.active_successes = h.active_ok_;
     const std::string& why = h.active_reason_;
     const std::string failures = detail::plural(h.active_fail_, "consecutive failure", "consecutive failures");
-    if (!h.active_healthy_ && h.active_ok_ == 0)
-      add(PeerState::unhealthy, "active: " + failures + (why.empty() ? "" : " (" + why + ")"));
-    else if (!h.active_healthy_)
-      add(PeerState::unhealthy, "active: recovering, " + std::to_string(h.active_ok_) + " of " +
-                                    std::to_string(options_.active.healthy_threshold) + " consecutive successes" +
-                                    (why.empty() ? "" : " (last failure: " + why + ")"));
+    if (!h.active_healthy_ && h.active_ok_ == 0) {
+      st.active_down = failures + (why.empty() ? "" : " (" + why + ")");
+      add(PeerState::unhealthy, "active: " + st.active_down);
+    } else if (!h.active_healthy_) {
+      st.active_down = "recovering, " + std::to_string(h.active_ok_) + " of " +
+                       std::to_string(options_.active.healthy_threshold) + " consecutive successes" +
+                       (why.empty() ? "" : " (last failure: " + why + ")");
+      add(PeerState::unhealthy, "active: " + st.active_down);
+    }
     else if (h.active_fail_ > 0)
       add(PeerState::warning, "active: " + failures + (why.empty() ? "" : " (" + why + ")") + ", unhealthy at " +
                                   std::to_string(options_.active.unhealthy_threshold));

@@ -1,0 +1,237 @@
+// SharedMember: one process's part in an upstream shared by the processes of a host (nginx
+// workers). Exactly one process leads: it holds the LeaderLock, watches the source, runs
+// the active checks and writes each routing-relevant set into the SharedRegion. The
+// others follow: they notice a new region version (one atomic load per pick, and a poll
+// when there are no picks), read it and publish it locally. A follower tries to lead
+// every retry period, so when the leader dies (its lock goes with it) another takes over.
+#pragma once
+
+#include <dynup/leader_lock.hpp>
+#include <dynup/peer_set.hpp>
+#include <dynup/result.hpp>
+#include <dynup/shared_snapshot.hpp>
+#include <dynup/upstream_config.hpp>
+#include <dynup/version.hpp>
+
+#include <nlohmann/json.hpp>
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <utility>
+
+DYNUP_NAMESPACE_BEGIN
+namespace detail {
+
+class SharedMember {
+public:
+  struct Hooks {
+    /// Called on the member's thread when this process has just taken the lock: start
+    /// watching and probing. false: it could not (the error is reported); the lock is
+    /// released and taken again on a later period.
+    std::function<bool()> lead;
+    /// A follower read a new set from the region: publish it locally.
+    std::function<void(PeerSet)> adopt;
+    /// Errors that no call returns (a region read or write failing), on the thread that
+    /// met them.
+    std::function<void(const Error&)> on_error;
+  };
+
+  /// Opens the region and the lock file. Errors name the "shared" field at fault.
+  static Result<std::unique_ptr<SharedMember>> open(const SharedConfig& config, Hooks hooks) {
+    auto region = SharedRegion::open({config.dir, config.name, config.capacity});
+    if (!region) return region.error().with_context("upstream.shared");
+    auto lock = LeaderLock::open(config.dir, config.name);
+    if (!lock) return lock.error().with_context("upstream.shared");
+    return std::unique_ptr<SharedMember>(
+        new SharedMember(config, std::move(region).value(), std::move(lock).value(), std::move(hooks)));
+  }
+
+  ~SharedMember() { stop(); }
+  SharedMember(const SharedMember&) = delete;
+  SharedMember& operator=(const SharedMember&) = delete;
+
+  /// Leads if nobody does; otherwise adopts the region's set, waiting up to first_wait
+  /// for a leader to write one. Then starts the member's thread. Call once.
+  void start() {
+    if (!try_lead()) {
+      const auto until = std::chrono::steady_clock::now() + config_.first_wait;
+      while (!adopt_if_new() && std::chrono::steady_clock::now() < until) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        if (try_lead()) break;
+      }
+    }
+    thread_ = std::thread([this] { run(); });
+  }
+
+  /// For every pick: one acquire load of the region version; a follower whose set is
+  /// older wakes its thread (once per version). Lock-free, no allocation.
+  void notice() noexcept {
+    if (region_.version() == applied_.load(std::memory_order_relaxed)) return;
+    if (poked_.load(std::memory_order_relaxed) || poked_.exchange(true, std::memory_order_relaxed)) return;
+    cv_.notify_one(); // no lock: a missed wake-up costs at most one poll period
+  }
+
+  /// Leader: writes `set` into the region unless it is what the region holds. Called by
+  /// one thread at a time (the Upstream's rebuild). A set too large is reported and left
+  /// out; followers keep the previous one.
+  void publish(const PeerSet& set) {
+    if (!leader_.load(std::memory_order_acquire)) return;
+    if (written_ && written_->same_content(set) && written_->source_index() == set.source_index()) return;
+    auto v = region_.write(set);
+    if (!v) {
+      report(v.error().with_context("shared region"));
+      return;
+    }
+    written_ = std::make_shared<const PeerSet>(set);
+    applied_.store(*v, std::memory_order_relaxed);
+    std::lock_guard<std::mutex> lock(mu_);
+    last_error_.clear();
+  }
+
+  bool leader() const noexcept { return leader_.load(std::memory_order_acquire); }
+
+  /// The "shared" part of the status: role, region version, leader pid, last error.
+  nlohmann::ordered_json status() const {
+    nlohmann::ordered_json j;
+    j["role"] = leader() ? "leader" : "follower";
+    j["region"] = config_.dir + "/" + config_.name + ".dynup";
+    j["region_version"] = region_.version();
+    j["applied_version"] = applied_.load(std::memory_order_relaxed);
+    auto pid = leader_pid();
+    j["leader_pid"] = pid ? nlohmann::ordered_json(*pid) : nlohmann::ordered_json(nullptr);
+    std::lock_guard<std::mutex> lock(mu_);
+    j["last_error"] = last_error_;
+    return j;
+  }
+
+  /// Stops the thread and gives up the lead (another process takes it on its next try).
+  /// Idempotent.
+  void stop() noexcept {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+    leader_.store(false, std::memory_order_release);
+    lock_.release();
+  }
+
+private:
+  SharedMember(const SharedConfig& config, SharedRegion region, LeaderLock lock, Hooks hooks)
+      : config_(config), region_(std::move(region)), lock_(std::move(lock)), hooks_(std::move(hooks)) {}
+
+  std::string pid_path() const { return config_.dir + "/" + config_.name + ".leader"; }
+
+  // The leader's pid, as the last leader wrote it, if that process still lives.
+  std::optional<long> leader_pid() const {
+    std::ifstream in(pid_path());
+    long pid = 0;
+    if (!(in >> pid) || pid <= 0) return std::nullopt;
+    if (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) return std::nullopt;
+    return pid;
+  }
+
+  void write_pid() {
+    const std::string path = pid_path();
+    const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+    {
+      std::ofstream out(tmp, std::ios::trunc);
+      out << ::getpid() << "\n";
+    }
+    if (std::rename(tmp.c_str(), path.c_str()) != 0) std::remove(tmp.c_str());
+  }
+
+  bool try_lead() {
+    if (leader_.load(std::memory_order_relaxed)) return true;
+    if (!lock_.try_acquire()) return false;
+    leader_.store(true, std::memory_order_release);
+    write_pid();
+    written_.reset();
+    if (hooks_.lead && !hooks_.lead()) {
+      leader_.store(false, std::memory_order_release);
+      lock_.release();
+      return false;
+    }
+    return true;
+  }
+
+  // Follower: reads and adopts the region's set when its version is new; true when the
+  // set served is the region's.
+  bool adopt_if_new() {
+    const std::uint64_t v = region_.version();
+    if (v == 0) return false;
+    if (v == applied_.load(std::memory_order_relaxed)) return true;
+    auto read = region_.read();
+    if (!read) {
+      report(read.error().with_context("shared region"));
+      return false;
+    }
+    applied_.store(read->version, std::memory_order_relaxed);
+    if (hooks_.adopt) hooks_.adopt(std::move(read->set));
+    return true;
+  }
+
+  void report(const Error& e) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      last_error_ = e.message();
+    }
+    if (hooks_.on_error) hooks_.on_error(e);
+  }
+
+  void run() {
+    using clock = std::chrono::steady_clock;
+    auto next_try = clock::now() + config_.retry;
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!stopping_) {
+      if (leader_.load(std::memory_order_relaxed)) {
+        cv_.wait(lock, [&] { return stopping_; }); // the watcher and the rebuild do the work
+        break;
+      }
+      auto wake = std::min(clock::now() + config_.poll, next_try);
+      cv_.wait_until(lock, wake, [&] { return stopping_ || poked_.load(std::memory_order_relaxed); });
+      if (stopping_) break;
+      poked_.store(false, std::memory_order_relaxed);
+      lock.unlock();
+      adopt_if_new();
+      if (clock::now() >= next_try) {
+        next_try = clock::now() + config_.retry;
+        try_lead();
+      }
+      lock.lock();
+    }
+  }
+
+  const SharedConfig config_;
+  SharedRegion region_;
+  LeaderLock lock_;
+  Hooks hooks_;
+  std::atomic<bool> leader_{false};
+  std::atomic<std::uint64_t> applied_{0}; ///< region version of the set served
+  std::atomic<bool> poked_{false};
+  std::shared_ptr<const PeerSet> written_; ///< the leader's last write (rebuild thread)
+
+  mutable std::mutex mu_; // guards the fields below and the thread's waits
+  std::condition_variable cv_;
+  bool stopping_ = false;
+  std::string last_error_;
+  std::thread thread_;
+};
+
+} // namespace detail
+DYNUP_NAMESPACE_END
