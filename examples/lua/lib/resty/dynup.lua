@@ -55,7 +55,7 @@ end
 
 local ffi_new, ffi_string, ffi_gc, ffi_copy, ffi_cast = ffi.new, ffi.string, ffi.gc, ffi.copy, ffi.cast
 local type, tostring, tonumber, pairs, ipairs, setmetatable = type, tostring, tonumber, pairs, ipairs, setmetatable
-local concat, sort, floor, huge = table.concat, table.sort, math.floor, math.huge
+local concat, sort, floor, huge, find = table.concat, table.sort, math.floor, math.huge, string.find
 local ngx = rawget(_G, "ngx") -- nil in plain LuaJIT
 
 local _M = { _VERSION = "0.1.0" }
@@ -69,6 +69,9 @@ _M.NO_LIVE_UPSTREAMS = -3
 _M.empty_array = setmetatable({}, { __tostring = function() return "resty.dynup.empty_array" end })
 
 local errbuf = ffi_new("char[?]", ERR_LEN)
+-- Finished request states kept per upstream for reuse (see Upstream:report): at most
+-- this many.
+local POOL_MAX = 256
 local status_len = 4096
 local status_buf = ffi_new("char[?]", status_len)
 local libs = {} -- path -> loaded library
@@ -197,6 +200,8 @@ function _M.new(cfg, opts)
     lib = lib,
     _owner = owner,
     _box = box,
+    _pool = {}, -- states of finished requests (their selections ended), for reuse
+    _pooled = 0,
     -- Ends a pick whose request state was dropped without report() (an internal
     -- redirect, a bug): the in-flight count comes back. A no-op on ended picks.
     _fin = function(sel)
@@ -228,26 +233,60 @@ function _M.peer_id_hash(id, lib_path)
   return lib.dynup_peer_id_hash(id, #id)
 end
 
-local function in_request()
-  return ngx ~= nil and ngx.get_phase ~= nil and ngx.get_phase() ~= "init" and ngx.get_phase() ~= "init_worker"
+-- The nginx phase when in a request (not init, init_worker), else nil.
+local function request_phase()
+  if ngx == nil or ngx.get_phase == nil then return nil end
+  local phase = ngx.get_phase()
+  if phase == "init" or phase == "init_worker" then return nil end
+  return phase
 end
 
+-- The request's state, and the nginx phase when it lives in ngx.ctx (`ctx` nil).
+-- `sel`: the selection, reused by the request's retries. `ended`: the last pick has
+-- ended and its id_hash, still in `sel`, is not yet in `tried` (the next pick of the
+-- request adds it: a request with no retry writes no `tried` array). `pooled`: the
+-- request has finished (report() in log_by_lua) and the state went back to the
+-- upstream's pool, from which the next request in this worker takes it, selection and
+-- `tried` array included: in nginx a request allocates nothing of its own here.
 local function request_state(self, ctx)
+  local phase
   if ctx == nil then
-    if not in_request() then return nil, "resty.dynup: outside an nginx request, pass the request's state table" end
+    phase = request_phase()
+    if not phase then return nil, "resty.dynup: outside an nginx request, pass the request's state table" end
     ctx = ngx.ctx
+    local st = ctx[self._ctx_key]
+    if st == nil then
+      local n = self._pooled
+      if n > 0 then
+        st = self._pool[n]
+        self._pool[n] = nil
+        self._pooled = n - 1
+        st.live, st.ended, st.pooled, st.tries, st.n = false, false, false, 0, 0
+      else
+        st = { sel = nil, live = false, ended = false, pooled = false, tries = 0, tried = nil, n = 0, cap = 0 }
+      end
+      ctx[self._ctx_key] = st
+    end
+    return st, phase
   end
   local st = ctx[self._ctx_key]
   if st == nil then
-    st = { sel = nil, live = false, tries = 0, tried = nil, n = 0, cap = 0 }
+    st = { sel = nil, live = false, ended = false, pooled = false, tries = 0, tried = nil, n = 0, cap = 0 }
     ctx[self._ctx_key] = st
   end
   return st
 end
 
--- The last entry of an $upstream_* variable ("0.001, 0.002 : 0.003" → "0.003").
+-- The last entry of an $upstream_* variable ("0.001, 0.002 : 0.003" → "0.003"). A
+-- single entry (no retry: no separator) is the value itself; plain finds, unlike
+-- string.match, are compiled by LuaJIT.
 local function last_entry(value)
-  return value and value:match("([^%s,:]+)[%s,:]*$")
+  if value == nil then return nil end
+  if value ~= "" and not find(value, ",", 1, true) and not find(value, ":", 1, true) and
+     not find(value, " ", 1, true) then
+    return value
+  end
+  return value:match("([^%s,:]+)[%s,:]*$")
 end
 
 local function seconds_to_us(s)
@@ -271,7 +310,7 @@ end
 local function end_pick(self, st, status, latency_us, connect_failure)
   local h = self._box.h
   st.live = false
-  add_tried(st)
+  st.ended = true
   if h == nil then return nil, "resty.dynup: upstream " .. self.name .. " is closed" end
   if status == nil then
     self.lib.dynup_cancel(h, st.sel)
@@ -311,6 +350,7 @@ function Upstream:pick(key, ctx)
   if h == nil then return nil, nil, "resty.dynup: upstream " .. self.name .. " is closed" end
   local st, err = request_state(self, ctx)
   if not st then return nil, nil, err end
+  if st.pooled then return nil, nil, "resty.dynup: this request's pick was already reported in log_by_lua" end
   if st.live then
     if ctx == nil and ngx.get_phase() == "balancer" then
       report_failed_try(self, st)
@@ -318,7 +358,15 @@ function Upstream:pick(key, ctx)
       end_pick(self, st, 0, 0, true)
     end
   end
-  if st.sel == nil then st.sel = ffi_gc(ffi_new("dynup_selection"), self._fin) end
+  if st.ended then
+    add_tried(st)
+    st.ended = false
+  end
+  if st.sel == nil then
+    -- Its finalizer cancels the pick if the request's state is dropped while it is live
+    -- (an internal redirect clears ngx.ctx); an ended one it leaves alone.
+    st.sel = ffi_gc(ffi_new("dynup_selection"), self._fin)
+  end
   if key ~= nil and type(key) ~= "string" then key = tostring(key) end
   local sel = st.sel
   local rc = self.lib.dynup_pick(h, key, key and #key or 0, st.tried, st.n, sel, errbuf, ERR_LEN)
@@ -338,23 +386,47 @@ end
 --- the request's state table (nil in nginx: ngx.ctx). Returns true, or nil and why
 --- ("no live pick" when there is nothing to end).
 function Upstream:report(ctx, status, latency, connect_failure)
-  local st, err = request_state(self, ctx)
-  if not st then return nil, err end
+  local st, phase = request_state(self, ctx)
+  if not st then return nil, phase end
   if not st.live then return nil, "resty.dynup: no live pick to report" end
   if status ~= nil then
     return end_pick(self, st, status, seconds_to_us(latency), connect_failure)
   end
-  if not in_request() then return nil, "resty.dynup: report outside nginx needs a status" end
+  if ctx ~= nil and not request_phase() then return nil, "resty.dynup: report outside nginx needs a status" end
   local var = ngx.var
-  local connect = last_entry(var.upstream_connect_time)
+  -- A header means the connection was made: $upstream_connect_time is read only when
+  -- there is none.
   local header = last_entry(var.upstream_header_time)
+  local connect = (header == nil or header == "-") and last_entry(var.upstream_connect_time) or nil
   local latency_us = seconds_to_us(last_entry(var.upstream_response_time))
-  if connect == "-" then return end_pick(self, st, 0, latency_us, true) end
-  if header == "-" or header == nil then
-    if ngx.status == 499 or var.status == "499" then return end_pick(self, st, nil) end
-    return end_pick(self, st, 0, latency_us, false)
+  local ok, err
+  if connect == "-" then
+    ok, err = end_pick(self, st, 0, latency_us, true)
+  elseif header == "-" or header == nil then
+    if ngx.status == 499 or var.status == "499" then
+      ok, err = end_pick(self, st, nil)
+    else
+      ok, err = end_pick(self, st, 0, latency_us, false)
+    end
+  else
+    ok, err = end_pick(self, st, tonumber(last_entry(var.upstream_status)) or 0, latency_us, false)
   end
-  return end_pick(self, st, tonumber(last_entry(var.upstream_status)) or 0, latency_us, false)
+  -- In log_by_lua the request is over: its state, selection ended, goes back to the
+  -- pool for the next request (a selection allocated per request, each with a
+  -- finalizer, costs the collector's finalizer runs and kept LuaJIT from compiling
+  -- pick). tries() and peer_id() still read it for the rest of this handler: log_by_lua
+  -- cannot yield, so no other request takes it before the handler returns. A state
+  -- whose end failed stays with the request, for its selection's finalizer.
+  if ok and phase == "log" and ctx == nil then
+    local n = self._pooled
+    if n < POOL_MAX then
+      n = n + 1
+      self._pool[n] = st
+      self._pooled = n
+      st.pooled = true
+    end
+  end
+  return ok, err
 end
 
 --- Ends this request's live pick without an outcome (the request was never sent).

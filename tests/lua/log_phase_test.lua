@@ -1,0 +1,132 @@
+-- resty.dynup as nginx drives it, under plain LuaJIT with a stand-in `ngx`: pick in the
+-- balancer phase, report() with no arguments in the log phase (the outcome read from
+-- the $upstream_* variables), retries, and the reuse of a finished request's state by
+-- the next request (report() in log_by_lua hands it back to the upstream's pool).
+local t = dofile((arg[0]:match("^(.*)/") or ".") .. "/helpers.lua")
+
+-- The stand-in: the phase, the current request's ngx.ctx, its variables and status.
+local phase, current_ctx, vars = "init_worker", nil, {}
+ngx = setmetatable({
+  get_phase = function() return phase end,
+  var = setmetatable({}, { __index = function(_, k) return vars[k] end }),
+  status = 200,
+}, { __index = function(_, k) if k == "ctx" then return current_ctx end end })
+package.preload["ngx.balancer"] = function()
+  return { get_last_failure = function() return "failed", 502 end }
+end
+
+local dynup = require "resty.dynup"
+local dir = t.temp_dir()
+local path = dir .. "/peers.json"
+t.write_file(path, [[{"peers":[
+  {"id":"a","host":"10.0.0.1","port":8001},
+  {"id":"b","host":"10.0.0.2","port":8002}]}]])
+-- Passive checks off: the failures reported below would take the peers down.
+local up = assert(dynup.new({name = "api", source = "file://" .. path, health = {passive = {max_fails = 0}}},
+                            {lib = t.lib}))
+local key = "resty.dynup.api"
+
+local function request()
+  current_ctx, phase, ngx.status = {}, "balancer", 200
+  return current_ctx
+end
+local function log_phase(v)
+  phase, vars = "log", v
+end
+local ok_vars = {upstream_connect_time = "0.001", upstream_header_time = "0.002",
+                 upstream_response_time = "0.003", upstream_status = "200"}
+
+-- One request: pick, then report in log_by_lua. The state stays readable in the handler.
+local a = request()
+local host = assert(up:pick())
+t.eq(up:tries(), 1, "tries")
+local id = up:peer_id()
+log_phase(ok_vars)
+t.eq(up:report(), true, "report in the log phase")
+t.eq(up:tries(), 1, "tries after report, same handler")
+t.eq(up:peer_id(), id, "peer_id after report, same handler")
+t.eq(select(2, up:report()), "resty.dynup: no live pick to report", "second report")
+local _, _, err = up:pick()
+t.eq(err, "resty.dynup: this request's pick was already reported in log_by_lua", "pick after the log phase")
+t.contains(host, "10.0.0.", "host")
+
+-- The next request reuses that state, reset: one try, nothing excluded. Its retry
+-- reports the first try as a refused connection and goes to the other peer; a third
+-- try has no peer left.
+local b = request()
+assert(up:pick())
+t.eq(b[key], a[key], "the finished request's state is reused")
+t.eq(up:tries(), 1, "tries of the reused state")
+local first = up:peer_id()
+vars = {upstream_connect_time = "-", upstream_header_time = "-", upstream_response_time = "0.000",
+        upstream_status = "502"}
+assert(up:pick())
+t.eq(up:tries(), 2, "tries after a retry")
+assert(up:peer_id() ~= first, "the retry excludes the peer tried")
+vars = {upstream_connect_time = "-, -", upstream_header_time = "-, -", upstream_response_time = "0.000, 0.000",
+        upstream_status = "502, 502"}
+_, _, err = up:pick()
+t.eq(err, "upstream api: all available peers already tried", "third try")
+-- nginx answers 502 from balancer_by_lua: both tries already ended, nothing to report.
+log_phase({upstream_connect_time = "-, -", upstream_header_time = "-, -", upstream_response_time = "0.000, 0.000",
+           upstream_status = "502, 502"})
+t.eq(select(2, up:report()), "resty.dynup: no live pick to report", "report after the last try failed")
+
+-- A retried request whose second try answered.
+request()
+assert(up:pick())
+vars = {upstream_connect_time = "-", upstream_header_time = "-", upstream_response_time = "0.000",
+        upstream_status = "502"}
+assert(up:pick())
+log_phase({upstream_connect_time = "-, 0.001", upstream_header_time = "-, 0.002",
+           upstream_response_time = "0.000, 0.004", upstream_status = "502, 200"})
+t.eq(up:report(), true, "report of a retried request")
+
+-- A connection refused, a reply that never came, a client that left: each ends the pick.
+for _, v in ipairs({
+  {upstream_connect_time = "-", upstream_header_time = "-", upstream_response_time = "0.000", upstream_status = "502"},
+  {upstream_connect_time = "0.001", upstream_header_time = "-", upstream_response_time = "1.000", upstream_status = "504"},
+}) do
+  request()
+  assert(up:pick())
+  log_phase(v)
+  t.eq(up:report(), true, "report of a failed try")
+end
+request()
+assert(up:pick())
+ngx.status = 499
+log_phase({upstream_connect_time = "0.001", upstream_header_time = "-", upstream_response_time = "0.500",
+           upstream_status = "-"})
+t.eq(up:report(), true, "a client that left")
+t.eq(t.count(up:status(), '"in_flight":0'), 2, "nothing in flight")
+
+-- 300 requests in flight at once, then all logged: the pool keeps at most 256 states,
+-- and every pick ended.
+local ctxs = {}
+for i = 1, 300 do
+  ctxs[i] = request()
+  assert(up:pick())
+end
+t.eq(t.count(up:status(), '"in_flight":150'), 2, "300 picks in flight")
+for i = 1, 300 do
+  current_ctx = ctxs[i]
+  log_phase(ok_vars)
+  assert(up:report())
+end
+t.eq(up._pooled, 256, "pool size")
+t.eq(t.count(up:status(), '"in_flight":0'), 2, "all 300 ended")
+
+-- A request dropped while its pick is live (an internal redirect clears ngx.ctx): the
+-- collector cancels the pick, even on a state that came from the pool. (Finished
+-- requests' ctx tables are gone in nginx; here they are dropped by hand.)
+a, b, ctxs = nil, nil, nil
+request()
+assert(up:pick())
+current_ctx = nil
+collectgarbage()
+collectgarbage()
+t.eq(t.count(up:status(), '"in_flight":0'), 2, "a dropped pick is cancelled")
+
+up:close()
+t.remove_dir(dir, {"peers.json"})
+print("log_phase_test: ok")
