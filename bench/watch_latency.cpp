@@ -265,7 +265,7 @@ public:
     client_.set_read_timeout(10s);
   }
   void put(const std::string& key, const std::string& value) {
-    nlohmann::json body{{"key", dynup::detail::to_base64(key)}, {"value", dynup::detail::to_base64(value)}};
+    nlohmann::json body{{"key", dynup::detail::base64_encode(key)}, {"value", dynup::detail::base64_encode(value)}};
     auto res = client_.Post("/v3/kv/put", body.dump(), "application/json");
     if (!res) throw std::runtime_error("etcd put: " + httplib::to_string(res.error()));
     if (res->status != 200) throw std::runtime_error("etcd put: HTTP " + std::to_string(res->status) + ": " + res->body);
