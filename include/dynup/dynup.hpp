@@ -9,6 +9,8 @@
 #include <dynup/peer_json.hpp>
 #include <dynup/publisher.hpp>
 #include <dynup/snapshot_file.hpp>
+#include <dynup/leader_lock.hpp>
+#include <dynup/shared_snapshot.hpp>
 #include <dynup/source/spec.hpp>
 #include <dynup/source/file.hpp>
 #include <dynup/source/consul.hpp>
