@@ -267,29 +267,7 @@ private:
     return out.empty() ? "not ready within the timeout" : out;
   }
 
-  // Ready when the proxy answers /ready with our token and every backend its index.
-  bool wait_ready() {
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(15);
-    while (std::chrono::steady_clock::now() < deadline) {
-      if (process_->wait_exit(std::chrono::milliseconds(0))) return false;
-      if (answers("/ready", proxy_port_, token_)) {
-        bool all = true;
-        for (std::size_t i = 0; i < backend_ports_.size() && all; ++i)
-          all = answers("/", backend_ports_[i], std::to_string(i));
-        if (all) return true;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-    return false;
-  }
-
-  static bool answers(const char* path, std::uint16_t port, const std::string& body) {
-    httplib::Client cli("127.0.0.1", port);
-    cli.set_connection_timeout(std::chrono::milliseconds(200));
-    cli.set_read_timeout(std::chrono::seconds(2));
-    auto res = cli.Get(path);
-    return res && res->status == 200 && res->body == body;
-  }
+  bool wait_ready() { return wait_nginx_ready(*process_, proxy_port_, token_, backend_ports_); }
 
   TempDir dir_; // declared first: removed after the process is gone
   std::size_t backends_;

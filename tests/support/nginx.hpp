@@ -89,6 +89,35 @@ struct NginxUpstream {
   std::string method;
 };
 
+/// Whether 127.0.0.1:`port` answers GET `path` with 200 and exactly `body`.
+inline bool nginx_answers(const char* path, std::uint16_t port, const std::string& body) {
+  httplib::Client cli("127.0.0.1", port);
+  cli.set_connection_timeout(std::chrono::milliseconds(200));
+  cli.set_read_timeout(std::chrono::seconds(2));
+  auto res = cli.Get(path);
+  return res && res->status == 200 && res->body == body;
+}
+
+/// Ready when the proxy answers /ready with this instance's token (so not some other
+/// process that took the port) and every backend answers with its index. nginx binds
+/// all its ports before it serves anything, so an answer means every bind succeeded.
+/// False when nginx exits or 15 s pass.
+inline bool wait_nginx_ready(Process& nginx, std::uint16_t proxy_port, const std::string& token,
+                             const std::vector<std::uint16_t>& backend_ports) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(15);
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (nginx.wait_exit(std::chrono::milliseconds(0))) return false;
+    if (nginx_answers("/ready", proxy_port, token)) {
+      bool all = true;
+      for (std::size_t i = 0; i < backend_ports.size() && all; ++i)
+        all = nginx_answers("/", backend_ports[i], std::to_string(i));
+      if (all) return true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return false;
+}
+
 /// A running nginx proxying to its own backends. Starts in the constructor (throws
 /// std::runtime_error with nginx's output if it cannot), stops by PID in the destructor.
 /// Not thread-safe: one test thread drives it.
@@ -251,31 +280,7 @@ private:
     return out.empty() ? "not ready within the timeout" : out;
   }
 
-  // Ready when the proxy answers /ready with this instance's token (so not some other
-  // process that took the port) and every backend answers with its index. nginx binds
-  // all its ports before it serves anything, so an answer means every bind succeeded.
-  bool wait_ready() {
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(15);
-    while (std::chrono::steady_clock::now() < deadline) {
-      if (process_->wait_exit(std::chrono::milliseconds(0))) return false;
-      if (answers("/ready", proxy_port_, token_)) {
-        bool all = true;
-        for (std::size_t i = 0; i < backend_ports_.size() && all; ++i)
-          all = answers("/", backend_ports_[i], std::to_string(i));
-        if (all) return true;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-    return false;
-  }
-
-  static bool answers(const char* path, std::uint16_t port, const std::string& body) {
-    httplib::Client cli("127.0.0.1", port);
-    cli.set_connection_timeout(std::chrono::milliseconds(200));
-    cli.set_read_timeout(std::chrono::seconds(2));
-    auto res = cli.Get(path);
-    return res && res->status == 200 && res->body == body;
-  }
+  bool wait_ready() { return wait_nginx_ready(*process_, proxy_port_, token_, backend_ports_); }
 
   TempDir dir_; // declared first: removed after the process is gone
   NginxUpstream upstream_;
