@@ -8,6 +8,7 @@ packages=(
   nlohmann-json3-dev libcpp-httplib-dev # dependencies of the library
   doctest-dev libbenchmark-dev          # tests and benchmarks
   nginx                                 # real nginx 1.22: the policies are checked against it
+  nginx-dev                             # nginx's configure tree and headers: the native module builds against them
   etcd-server                           # real etcd 3.4: the etcd source is tested against it
   libnginx-mod-http-lua lua-resty-core  # OpenResty's lua module for nginx 1.22: the Lua binding's e2e test
   luajit2                               # OpenResty's LuaJIT (not `luajit`, which conflicts): the Lua tests

@@ -191,6 +191,10 @@ public:
     return out;
   }
 
+  /// How many peers the current set holds, available or not. Reads this thread's cached
+  /// routing table: no lock, no allocation but for the thread's first call.
+  std::size_t peer_count() const noexcept { return tables_.get()->set->size(); }
+
   /// How the request to `s` ended: feeds the policy (in-flight count, latency) and the
   /// passive health checks, and ends the selection (its peer becomes null). A selection
   /// without a peer is ignored.
@@ -220,7 +224,8 @@ public:
     WatcherStatus ws = watcher_status();
     ordered_json j;
     j["name"] = config_.name;
-    j["source"] = ws.source;
+    // A follower process has no watcher: its source is the config's, token redacted.
+    j["source"] = ws.source.empty() ? detail::redact_spec_text(config_.source) : ws.source;
     j["policy"] = config_.policy;
     j["version"] = table->set->version();
     j["index"] = table->set->source_index();

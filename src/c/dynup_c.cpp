@@ -210,6 +210,26 @@ DYNUP_C_API dynup_upstream* dynup_upstream_new(const char* json_config, char* er
   return nullptr;
 }
 
+DYNUP_C_API int dynup_config_check(const char* json_config, char* err, size_t err_len) {
+  if (json_config == nullptr) return fail(err, err_len, DYNUP_E_ARGUMENT, "dynup_config_check: the config is NULL");
+  try {
+    nlohmann::json doc;
+    try {
+      doc = nlohmann::json::parse(json_config);
+    } catch (const nlohmann::json::exception& e) {
+      return fail(err, err_len, DYNUP_E_ARGUMENT, "upstream: invalid JSON: " + std::string(without_json_prefix(e.what())));
+    }
+    auto parsed = dynup::parse_upstream_config(doc);
+    if (!parsed) return fail(err, err_len, DYNUP_E_ARGUMENT, parsed.error().message());
+    return DYNUP_OK;
+  } catch (const std::exception& e) {
+    if (err != nullptr && err_len > 0) std::snprintf(err, err_len, "dynup_config_check: %s", e.what());
+  } catch (...) {
+    write_err(err, err_len, "dynup_config_check: unknown exception");
+  }
+  return DYNUP_E_INTERNAL;
+}
+
 DYNUP_C_API void dynup_upstream_free(dynup_upstream* up) {
   if (up == nullptr) return;
   // In a child, the upstream's threads are the parent's: joining them would never
@@ -262,6 +282,11 @@ DYNUP_C_API int dynup_pick(dynup_upstream* up, const char* key, size_t key_len, 
   } catch (...) {
     return fail(err, err_len, DYNUP_E_INTERNAL, "dynup_pick: unknown exception");
   }
+}
+
+DYNUP_C_API size_t dynup_peer_count(dynup_upstream* up) {
+  if (up == nullptr || forked(up)) return 0;
+  return up->up->peer_count();
 }
 
 DYNUP_C_API int dynup_report(dynup_upstream* up, dynup_selection* sel, int status, int64_t latency_us,

@@ -94,6 +94,7 @@ TEST_CASE("shared upstream: the first process leads, the next follows the region
   CHECK(st["region_version"] >= 1);
   CHECK(st["applied_version"] == st["region_version"]);
   CHECK(follower->watcher_status().source.empty()); // a follower fetches nothing
+  CHECK(follower->status()["source"] == "file://" + h.path); // but says what its leader watches
 
   write_by_rename(h.path, peers_doc({8003}));
   auto t0 = std::chrono::steady_clock::now();

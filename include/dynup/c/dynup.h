@@ -107,6 +107,13 @@ DYNUP_C_API const char* dynup_strerror(int rc);
  * expected an integer 10..600000, got 5"), or a source that cannot start. */
 DYNUP_C_API dynup_upstream* dynup_upstream_new(const char* json_config, char* err, size_t err_len);
 
+/* Checks a JSON config exactly as dynup_upstream_new reads it (the same messages), but
+ * starts nothing: no thread, no I/O, no file (a token_env variable is read). For a
+ * process that must not start threads, such as nginx's master while it reads its
+ * configuration (`nginx -t`). Returns DYNUP_OK, or DYNUP_E_ARGUMENT with the reason in
+ * `err`. Any thread. */
+DYNUP_C_API int dynup_config_check(const char* json_config, char* err, size_t err_len);
+
 /* Stops the upstream's threads (within milliseconds) and frees it. NULL is a no-op.
  * Call once, when no other call on the handle is running or will run. Selections still
  * live become void: never pass them to dynup_report or dynup_cancel afterwards. */
@@ -126,6 +133,12 @@ DYNUP_C_API void dynup_upstream_free(dynup_upstream* up);
  * on a handle (its cache of the routing table) and beyond 64 excluded peers. */
 DYNUP_C_API int dynup_pick(dynup_upstream* up, const char* key, size_t key_len, const uint64_t* exclude_id_hashes,
                            size_t n_exclude, dynup_selection* out, char* err, size_t err_len);
+
+/* How many peers the upstream's current set holds, available or not (0 on a NULL
+ * handle or in a forked child). For a retry budget: nginx gives a request as many tries
+ * as its upstream has peers. Any thread; lock-free; allocates nothing but for a
+ * thread's first call on a handle. */
+DYNUP_C_API size_t dynup_peer_count(dynup_upstream* up);
 
 /* Ends a live selection with the request's outcome: `status` is the HTTP status (0 when
  * no response came: timeout, reset), `latency_us` the time to the response (negative is

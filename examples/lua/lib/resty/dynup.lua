@@ -378,6 +378,22 @@ function Upstream:pick(key, ctx)
   return host, sel.port
 end
 
+-- In log_by_lua the request is over: its state, selection ended, goes back to the
+-- pool for the next request (a selection allocated per request, each with a finalizer,
+-- costs the collector's finalizer runs and kept LuaJIT from compiling pick). tries() and
+-- peer_id() still read it for the rest of this handler: log_by_lua cannot yield, so no
+-- other request takes it before the handler returns. A state whose end failed stays
+-- with the request, for its selection's finalizer.
+local function pool_state(self, st)
+  local n = self._pooled
+  if n < POOL_MAX then
+    n = n + 1
+    self._pool[n] = st
+    self._pooled = n
+    st.pooled = true
+  end
+end
+
 --- Ends this request's live pick with its outcome. In log_by_lua, with no arguments,
 --- the outcome is the last entry of $upstream_status, $upstream_connect_time,
 --- $upstream_header_time and $upstream_response_time (no connection: a connect failure;
@@ -394,6 +410,19 @@ function Upstream:report(ctx, status, latency, connect_failure)
   end
   if ctx ~= nil and not request_phase() then return nil, "resty.dynup: report outside nginx needs a status" end
   local var = ngx.var
+  -- The common case first: one try that got a reply. A single status other than the
+  -- 502 and 504 nginx writes for its own errors came from the peer, so the connection
+  -- was made and there was a header: two variable reads instead of four (each read
+  -- formats its value, a good part of what report() costs).
+  local status_text = var.upstream_status
+  if status_text ~= nil and #status_text == 3 and status_text ~= "502" and status_text ~= "504" then
+    local code = tonumber(status_text)
+    if code then
+      local ok, err = end_pick(self, st, code, seconds_to_us(last_entry(var.upstream_response_time)), false)
+      if ok and phase == "log" and ctx == nil then pool_state(self, st) end
+      return ok, err
+    end
+  end
   -- A header means the connection was made: $upstream_connect_time is read only when
   -- there is none.
   local header = last_entry(var.upstream_header_time)
@@ -411,21 +440,7 @@ function Upstream:report(ctx, status, latency, connect_failure)
   else
     ok, err = end_pick(self, st, tonumber(last_entry(var.upstream_status)) or 0, latency_us, false)
   end
-  -- In log_by_lua the request is over: its state, selection ended, goes back to the
-  -- pool for the next request (a selection allocated per request, each with a
-  -- finalizer, costs the collector's finalizer runs and kept LuaJIT from compiling
-  -- pick). tries() and peer_id() still read it for the rest of this handler: log_by_lua
-  -- cannot yield, so no other request takes it before the handler returns. A state
-  -- whose end failed stays with the request, for its selection's finalizer.
-  if ok and phase == "log" and ctx == nil then
-    local n = self._pooled
-    if n < POOL_MAX then
-      n = n + 1
-      self._pool[n] = st
-      self._pooled = n
-      st.pooled = true
-    end
-  end
+  if ok and phase == "log" and ctx == nil then pool_state(self, st) end
   return ok, err
 end
 
