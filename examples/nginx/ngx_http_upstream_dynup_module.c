@@ -218,12 +218,18 @@ ngx_http_upstream_dynup_json_string(ngx_conf_t *cf, ngx_str_t *s, ngx_str_t *out
 
 
 /* A parameter's value as JSON: an integer or a decimal number as it is, true/false
- * (and nginx's on/off) as booleans, anything else as a string. */
+ * (and nginx's on/off) as booleans, an array or object ('[' or '{' first) as the JSON
+ * text it is (dynup_config_check parses it), anything else as a string. */
 static ngx_int_t
 ngx_http_upstream_dynup_json_value(ngx_conf_t *cf, ngx_str_t *v, ngx_str_t *out)
 {
     size_t      i, digits, dots;
     ngx_str_t   b;
+
+    if (v->len > 0 && (v->data[0] == '[' || v->data[0] == '{')) {
+        *out = *v;
+        return NGX_OK;
+    }
 
     if ((v->len == 4 && ngx_strncmp(v->data, "true", 4) == 0)
         || (v->len == 2 && ngx_strncmp(v->data, "on", 2) == 0))

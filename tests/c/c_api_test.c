@@ -163,6 +163,29 @@ static void test_config_errors(void) {
   CHECK(dynup_upstream_new(config, NULL, 100) == NULL);
 }
 
+/* dynup_config_check reads a config as dynup_upstream_new does and starts nothing: the
+ * same messages, and no watcher (a file that does not exist yet is no error). */
+static void test_config_check(void) {
+  char config[512], err[256];
+  CHECK(dynup_config_check(NULL, err, sizeof err) == DYNUP_E_ARGUMENT);
+  CHECK(strcmp(err, "dynup_config_check: the config is NULL") == 0);
+  CHECK(dynup_config_check("{\"name\": ", err, sizeof err) == DYNUP_E_ARGUMENT);
+  CHECK(strncmp(err, "upstream: invalid JSON: parse error at line 1, column 10", 56) == 0);
+  config_for(config, "peers.json", ",\"watch\":{\"wait_ms\":5}");
+  CHECK(dynup_config_check(config, err, sizeof err) == DYNUP_E_ARGUMENT);
+  CHECK(strcmp(err, "upstream.watch.wait_ms: expected an integer 10..600000, got 5") == 0);
+  CHECK(dynup_config_check("{\"name\":\"api\",\"source\":\"ftp://x\"}", err, sizeof err) == DYNUP_E_ARGUMENT);
+  CHECK(contains(err, "upstream.source"));
+  CHECK(dynup_config_check("{\"name\":\"api\",\"source\":\"file:///x\",\"policy\":\"fastest\"}", err, sizeof err) ==
+        DYNUP_E_ARGUMENT);
+  CHECK(contains(err, "upstream.policy"));
+  config_for(config, "not-written-yet.json", ",\"policy\":\"least_request\",\"shared\":{\"dir\":\"/nonexistent\"}");
+  strcpy(err, "untouched");
+  CHECK(dynup_config_check(config, err, sizeof err) == DYNUP_OK);
+  CHECK(strcmp(err, "untouched") == 0);
+  CHECK(dynup_config_check(config, NULL, 0) == DYNUP_OK);
+}
+
 static void test_null_arguments(void) {
   dynup_selection sel = {0};
   char err[128], buf[128];
@@ -175,6 +198,7 @@ static void test_null_arguments(void) {
   dynup_cancel(NULL, NULL);
   dynup_cancel(NULL, &sel);
   dynup_upstream_free(NULL);
+  CHECK(dynup_peer_count(NULL) == 0);
   CHECK(dynup_status(NULL, buf, sizeof buf) == strlen(buf));
   CHECK(strcmp(buf, "{\"error\":\"dynup_status: the handle is NULL\"}") == 0);
 }
@@ -320,11 +344,12 @@ static void test_file_change(void) {
 
   write_file("change.json", "[\"10.0.1.1:80\"]");
   up = start("change.json", "");
+  CHECK(dynup_peer_count(up) == 1);
   REQUIRE(dynup_pick(up, NULL, 0, NULL, 0, &sel, err, sizeof err) == DYNUP_OK);
   CHECK(strcmp(sel.host, "10.0.1.1") == 0);
   dynup_cancel(up, &sel);
 
-  write_file("change.json", "[\"10.0.1.2:81\"]");
+  write_file("change.json", "[\"10.0.1.2:81\",\"10.0.1.3:82\",\"10.0.1.4:83\"]");
   for (i = 0; i < 500 && !moved; ++i) { /* 5 s at most */
     REQUIRE(dynup_pick(up, NULL, 0, NULL, 0, &sel, err, sizeof err) == DYNUP_OK);
     moved = strcmp(sel.host, "10.0.1.2") == 0 && sel.port == 81;
@@ -332,6 +357,7 @@ static void test_file_change(void) {
     if (!moved) sleep_ms(10);
   }
   CHECK(moved);
+  CHECK(dynup_peer_count(up) == 3);
   dynup_upstream_free(up);
 }
 
@@ -402,6 +428,7 @@ static void test_fork(void) {
     ok = ok && dynup_pick(up, NULL, 0, NULL, 0, &fresh, err, sizeof err) == DYNUP_E_FORKED;
     ok = ok && contains(err, "init_worker_by_lua");
     ok = ok && dynup_report(up, &sel, 200, 0, 0) == DYNUP_E_FORKED;
+    ok = ok && dynup_peer_count(up) == 0;
     dynup_cancel(up, &sel);
     dynup_status(up, buf, sizeof buf);
     ok = ok && strncmp(buf, "{\"error\":\"dynup: this handle belongs to process", 46) == 0;
@@ -438,6 +465,7 @@ int main(void) {
   REQUIRE(mkdtemp(dir) != NULL);
   test_library_identity();
   test_config_errors();
+  test_config_check();
   test_null_arguments();
   test_pick_and_report();
   test_no_allocation();
