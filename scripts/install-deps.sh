@@ -14,6 +14,7 @@ packages=(
   luajit2                               # OpenResty's LuaJIT (not `luajit`, which conflicts): the Lua tests
   wrk                                   # HTTP load generator for the load tests
   lua-cjson                             # the article's approach in bench/lua_compare.sh decodes with cjson
+  valgrind                              # the nginx module's leak check (e2e) and the instruction counts in bench/
 )
 
 missing=()

@@ -683,6 +683,19 @@ ngx_http_upstream_dynup(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     server->name.len = sizeof(ngx_http_upstream_dynup_placeholder) - 1;
     server->down = 1;
 
+    /* An address (0.0.0.0:0, never used): should a balancer declared after dynup
+     * replace it, nginx's round robin starts on this entry instead of failing with
+     * "no servers in upstream", and postconfiguration says what happened. */
+    server->addrs = ngx_pcalloc(cf->pool, sizeof(ngx_addr_t) + sizeof(struct sockaddr_in));
+    if (server->addrs == NULL) {
+        return NGX_CONF_ERROR;
+    }
+    server->addrs->sockaddr = (struct sockaddr *) (server->addrs + 1);
+    server->addrs->sockaddr->sa_family = AF_INET;
+    server->addrs->socklen = sizeof(struct sockaddr_in);
+    server->addrs->name = server->name;
+    server->naddrs = 1;
+
     uscf->peer.init_upstream = ngx_http_upstream_init_dynup;
     uscf->peer.data = dcf;
 
