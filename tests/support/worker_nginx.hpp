@@ -1,0 +1,323 @@
+// A real nginx with a master and worker processes proxying `location /` to an upstream
+// named "api" whose balancer is under test (the Lua binding, the native module). What
+// differs between those is the WorkerNginxLayout: modules to load, http-level lines, the
+// upstream block's body, extra proxy lines, the /status location's body. The rest is
+// here: backends as extra server blocks of the same nginx, each answering "/" with its
+// index and "/connection" with "<index> <its side's connection number>"; a few more
+// free ports with nothing listening, as dead peers; a peer file.
+//
+// Everything lives in its own prefix directory (config, error log, pid file, temp
+// paths, the peer file) on free 127.0.0.1 ports. nginx runs in the foreground as our
+// child, so the PID we stop is the master's; its workers (seen in /proc or in
+// X-Worker-Pid) are killed by PID only if they outlive it.
+#pragma once
+
+#include <support/nginx.hpp>
+#include <support/process.hpp>
+#include <support/temp_dir.hpp>
+#include <support/wait.hpp>
+
+#include <httplib.h>
+#include <nlohmann/json.hpp>
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <memory>
+#include <random>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+#include <utility>
+#include <vector>
+
+namespace dynup_test {
+
+/// One response through the proxy.
+struct NginxReply {
+  int status = 0;              ///< 0: no response
+  std::string body;            ///< the backend's index for a proxied 200 of "/"
+  std::string worker_pid;      ///< X-Worker-Pid: the nginx worker that served it
+  std::string upstream_status; ///< X-Upstream-Status: $upstream_status, "502, 200" after a retry
+  std::string error;           ///< why there is no response
+};
+
+/// The parts of nginx.conf that differ between the balancers under test. Each string is
+/// whole lines, indented for its place.
+struct WorkerNginxLayout {
+  std::vector<std::string> load_modules; ///< paths of dynamic modules, in load order
+  std::string http;                      ///< http-level lines, before `upstream api`
+  std::string upstream;                  ///< the body of `upstream api { … }`
+  std::string proxy;                     ///< extra lines of `location /`, after the retry rules
+  std::string status;                    ///< the body of `location = /status` (X-Worker-Pid is added)
+};
+
+/// What the nginx runs: `backends` answering servers, `dead` ports with nothing
+/// listening, the peer file's first content (backend indices) and the worker count.
+struct WorkerNginxShape {
+  std::size_t backends = 0;
+  std::size_t dead = 0;
+  std::vector<std::size_t> initial;
+  std::size_t workers = 2;
+};
+
+class WorkerNginx;
+
+/// Called on every start attempt once the ports are chosen and the peer file written,
+/// before nginx starts: returns the layout, and may write files it names.
+using WorkerNginxConfigure = std::function<WorkerNginxLayout(const WorkerNginx&)>;
+
+/// A running nginx. Starts in the constructor (throws std::runtime_error with nginx's
+/// output if it cannot), stops by PID in the destructor. Not thread-safe: one test
+/// thread drives it.
+class WorkerNginx {
+public:
+  /// `what` names this nginx in errors ("nginx (lua)").
+  WorkerNginx(std::string what, WorkerNginxShape shape, WorkerNginxConfigure configure)
+      : what_(std::move(what)), shape_(std::move(shape)), configure_(std::move(configure)) {
+    std::string missing = nginx_missing_reason(nginx_binary());
+    if (!missing.empty()) throw std::runtime_error(missing);
+    std::string failures;
+    // A port taken between free_loopback_ports and nginx's bind() makes nginx exit with
+    // "Address already in use": pick new ports and start again.
+    for (int attempt = 1; attempt <= 5; ++attempt) {
+      std::string why = start();
+      if (why.empty()) return;
+      failures += "attempt " + std::to_string(attempt) + ": " + why + "\n";
+      if (why.find("Address already in use") == std::string::npos) break;
+    }
+    throw std::runtime_error(what_ + " did not start\n" + failures + "config:\n" + config_);
+  }
+
+  ~WorkerNginx() { stop(); }
+  WorkerNginx(const WorkerNginx&) = delete;
+  WorkerNginx& operator=(const WorkerNginx&) = delete;
+
+  std::uint16_t proxy_port() const noexcept { return proxy_port_; }
+  std::uint16_t backend_port(std::size_t i) const { return backend_ports_.at(i); }
+  std::uint16_t dead_port(std::size_t i) const { return dead_ports_.at(i); }
+  std::size_t workers() const noexcept { return shape_.workers; }
+  pid_t master_pid() const noexcept { return process_ ? process_->pid() : -1; }
+  const std::string& config() const noexcept { return config_; }
+  /// A path in this nginx's private prefix directory.
+  std::string file(const std::string& name) const { return dir_.file(name); }
+  std::string peer_file() const { return dir_.file("peers.json"); }
+  std::string error_log() const { return exists(dir_.file("error.log")) ? read_all(dir_.file("error.log")) : ""; }
+
+  /// A peer document: backends by index (ids "b<i>") and dead ports (ids "dead<i>").
+  std::string peers_doc(const std::vector<std::size_t>& backends, const std::vector<std::size_t>& dead = {}) const {
+    nlohmann::json peers = nlohmann::json::array();
+    for (std::size_t i : backends)
+      peers.push_back({{"id", "b" + std::to_string(i)}, {"host", "127.0.0.1"}, {"port", backend_port(i)}});
+    for (std::size_t i : dead)
+      peers.push_back({{"id", "dead" + std::to_string(i)}, {"host", "127.0.0.1"}, {"port", dead_port(i)}});
+    return nlohmann::json{{"peers", peers}}.dump();
+  }
+
+  /// A peer document of backends by index (ids "b<i>") with their weights.
+  std::string weighted_peers_doc(const std::vector<std::pair<std::size_t, std::uint32_t>>& backends) const {
+    nlohmann::json peers = nlohmann::json::array();
+    for (const auto& [i, weight] : backends)
+      peers.push_back(
+          {{"id", "b" + std::to_string(i)}, {"host", "127.0.0.1"}, {"port", backend_port(i)}, {"weight", weight}});
+    return nlohmann::json{{"peers", peers}}.dump();
+  }
+
+  /// Replaces the peer file the way tools do (a rename over it).
+  void write_peers(const std::string& doc) { write_by_rename(peer_file(), doc); }
+
+  /// One GET on a fresh connection (so the kernel spreads requests over the workers
+  /// through `reuseport`).
+  NginxReply get(const std::string& path = "/") {
+    httplib::Client cli("127.0.0.1", proxy_port_);
+    cli.set_keep_alive(false);
+    cli.set_connection_timeout(std::chrono::seconds(5));
+    cli.set_read_timeout(std::chrono::seconds(10));
+    NginxReply r;
+    auto res = cli.Get(path);
+    if (!res) {
+      r.error = httplib::to_string(res.error());
+      return r;
+    }
+    r.status = res->status;
+    r.body = res->body;
+    r.worker_pid = res->get_header_value("X-Worker-Pid");
+    r.upstream_status = res->get_header_value("X-Upstream-Status");
+    if (!r.worker_pid.empty()) seen_.insert(static_cast<pid_t>(std::stol(r.worker_pid)));
+    return r;
+  }
+
+  /// Each worker's /status document by its pid, asked on fresh connections until
+  /// `workers()` distinct workers have answered or 400 requests were made (the caller
+  /// checks the count). Throws std::runtime_error on an answer that is not a 200 with
+  /// JSON.
+  std::map<std::string, nlohmann::json> status_by_worker() {
+    std::map<std::string, nlohmann::json> out;
+    for (int i = 0; i < 400 && out.size() < shape_.workers; ++i) {
+      NginxReply r = get("/status");
+      auto doc = nlohmann::json::parse(r.body, nullptr, false);
+      if (r.status != 200 || doc.is_discarded())
+        throw std::runtime_error("/status: " + std::to_string(r.status) + " " + r.error + " \"" + r.body +
+                                 "\"\nerror log:\n" + error_log());
+      out[r.worker_pid] = std::move(doc);
+    }
+    return out;
+  }
+
+  /// The master's workers that are serving (not those a reload is shutting down), from
+  /// /proc.
+  std::set<pid_t> worker_pids() const { return children(false); }
+
+  /// SIGHUP to the master, as `nginx -s reload`: it rereads the config, starts new
+  /// workers and shuts the old ones down gracefully. Returns at once.
+  void reload() {
+    if (process_) process_->send(SIGHUP);
+  }
+
+  /// SIGTERM to the master (SIGKILL after a grace period), then SIGKILL to any worker it
+  /// had that is still an nginx worker: by PID only, never by name.
+  void stop() {
+    if (!process_) return;
+    for (pid_t w : children(true)) seen_.insert(w);
+    process_->stop(std::chrono::milliseconds(3000));
+    process_.reset();
+    for (pid_t w : seen_)
+      if (title_of(w).rfind("nginx: worker process", 0) == 0) ::kill(w, SIGKILL);
+  }
+
+private:
+  // A process's title (its argv, which nginx overwrites), or empty if it is gone.
+  static std::string title_of(pid_t pid) {
+    std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline");
+    std::string title;
+    std::getline(in, title, '\0');
+    return title;
+  }
+
+  // The master's worker processes; those shutting down after a reload only if asked.
+  std::set<pid_t> children(bool shutting_down_too) const {
+    std::set<pid_t> out;
+    const pid_t master = master_pid();
+    if (master <= 0) return out;
+    std::error_code ec;
+    for (const auto& e : std::filesystem::directory_iterator("/proc", ec)) {
+      const std::string name = e.path().filename().string();
+      if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+      std::ifstream stat(e.path() / "stat");
+      std::string line;
+      if (!std::getline(stat, line)) continue;
+      // "pid (comm) state ppid …": comm may hold spaces and parentheses.
+      auto close = line.rfind(')');
+      if (close == std::string::npos) continue;
+      std::istringstream rest(line.substr(close + 1));
+      std::string state;
+      long ppid = 0;
+      if (!(rest >> state >> ppid) || ppid != master) continue;
+      const pid_t pid = static_cast<pid_t>(std::stol(name));
+      const std::string title = title_of(pid);
+      if (title == "nginx: worker process" ||
+          (shutting_down_too && title == "nginx: worker process is shutting down"))
+        out.insert(pid);
+    }
+    return out;
+  }
+
+  std::string render_config(const WorkerNginxLayout& layout) const {
+    const std::string& d = dir_.path();
+    std::string c;
+    for (const std::string& m : layout.load_modules) c += "load_module " + m + ";\n";
+    // Workers of a root master run as nobody, which cannot read our 0700 directory (or
+    // the build tree); the file source needs the peer file readable by the workers.
+    if (::geteuid() == 0) c += "user root;\n";
+    c += "worker_processes " + std::to_string(shape_.workers) + ";\n";
+    c += "error_log " + d + "/error.log notice;\n";
+    c += "pid " + d + "/nginx.pid;\n";
+    c += "events { worker_connections 1024; }\n";
+    c += "http {\n";
+    c += "  access_log off;\n";
+    c += "  default_type text/plain;\n";
+    for (const char* t : {"client_body", "proxy", "fastcgi", "uwsgi", "scgi"})
+      c += std::string("  ") + t + "_temp_path " + d + "/" + t + ";\n";
+    c += layout.http;
+    c += "  upstream api {\n";
+    c += layout.upstream;
+    c += "  }\n";
+    c += "  server {\n";
+    c += "    listen 127.0.0.1:" + std::to_string(proxy_port_) + " reuseport;\n";
+    c += "    location = /ready { add_header X-Worker-Pid $pid always; return 200 \"" + token_ + "\"; }\n";
+    c += "    location = /status {\n";
+    c += "      add_header X-Worker-Pid $pid always;\n";
+    c += layout.status;
+    c += "    }\n";
+    c += "    location / {\n";
+    c += "      proxy_pass http://api;\n";
+    c += "      proxy_next_upstream error timeout;\n";
+    c += "      proxy_next_upstream_tries 3;\n";
+    c += "      proxy_connect_timeout 2s;\n";
+    c += "      add_header X-Worker-Pid $pid always;\n";
+    c += "      add_header X-Upstream-Status $upstream_status always;\n";
+    c += layout.proxy;
+    c += "    }\n";
+    c += "  }\n";
+    for (std::size_t i = 0; i < backend_ports_.size(); ++i) {
+      const std::string index = std::to_string(i);
+      c += "  server {\n";
+      c += "    listen 127.0.0.1:" + std::to_string(backend_ports_[i]) + ";\n";
+      c += "    location = /connection { return 200 \"" + index + " $connection\"; }\n";
+      c += "    location / { return 200 \"" + index + "\"; }\n";
+      c += "  }\n";
+    }
+    c += "}\n";
+    return c;
+  }
+
+  // One startup attempt: empty on success, else what went wrong.
+  std::string start() {
+    auto ports = free_loopback_ports(1 + shape_.backends + shape_.dead);
+    proxy_port_ = ports[0];
+    const auto first_dead = ports.begin() + 1 + static_cast<std::ptrdiff_t>(shape_.backends);
+    backend_ports_.assign(ports.begin() + 1, first_dead);
+    dead_ports_.assign(first_dead, ports.end());
+    token_ = "dynup-worker-nginx-" + std::to_string(std::random_device{}());
+    write_peers(peers_doc(shape_.initial));
+    config_ = render_config(configure_(*this));
+    std::string conf = dir_.file("nginx.conf");
+    write_in_place(conf, config_);
+    process_ = std::make_unique<Process>(std::vector<std::string>{nginx_binary(), "-e", dir_.file("error.log"), "-p",
+                                                                  dir_.path() + "/", "-c", conf, "-g", "daemon off;"});
+    // Ready once it answers and every worker is past its init (the module's handles
+    // are made there; a worker takes its title after).
+    if (wait_nginx_ready(*process_, proxy_port_, token_, backend_ports_) &&
+        wait_until([&] { return worker_pids().size() == shape_.workers; }, std::chrono::milliseconds(15000)))
+      return {};
+    process_->stop(std::chrono::milliseconds(3000));
+    std::string out = process_->read_all(Process::Stream::err, std::chrono::milliseconds(500));
+    std::string log = error_log();
+    if (!log.empty()) out += (out.empty() ? "" : "\n") + log;
+    process_.reset();
+    std::error_code ec;
+    std::filesystem::remove(dir_.file("error.log"), ec); // the next attempt starts a clean log
+    return out.empty() ? "not ready within the timeout" : out;
+  }
+
+  TempDir dir_; // declared first: removed after the process is gone
+  std::string what_;
+  WorkerNginxShape shape_;
+  WorkerNginxConfigure configure_;
+  std::uint16_t proxy_port_ = 0;
+  std::vector<std::uint16_t> backend_ports_;
+  std::vector<std::uint16_t> dead_ports_;
+  std::string token_;
+  std::string config_;
+  std::set<pid_t> seen_; // every worker pid seen: stop() kills those that outlive the master
+  std::unique_ptr<Process> process_;
+};
+
+} // namespace dynup_test
