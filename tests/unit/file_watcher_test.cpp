@@ -13,6 +13,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -367,6 +368,26 @@ TEST_CASE("two same-size edits in quick succession end with the latest published
   }
   // Nothing stale arrives later either.
   CHECK(dynup_test::stays_true_for([&] { return current_port(pub) == 8020; }, 200ms));
+}
+
+TEST_CASE("a file rewritten faster than the settle time is still read during the burst") {
+  TempDir dir;
+  std::string path = dir.file("peers.json");
+  write_in_place(path, doc(8000));
+  Publisher pub;
+  FileWatcher w(pub, options(path, 60000ms)); // no fallback poll within the test
+  REQUIRE(pub.version() == 1);
+  // A write every ~4 ms restarts the 20 ms settle each time: without the cap on the
+  // settle, nothing would be read until the writes stop.
+  auto start = std::chrono::steady_clock::now();
+  int port = 8000;
+  while (std::chrono::steady_clock::now() - start < 400ms) {
+    write_in_place(path, doc(++port));
+    std::this_thread::sleep_for(4ms);
+  }
+  std::uint64_t during = pub.version();
+  CHECK(during >= 3); // a read at most 100 ms (5 × settle) into every burst
+  REQUIRE(wait_until([&] { return current_port(pub) == port; }));
 }
 
 TEST_CASE("stop returns promptly and is idempotent") {

@@ -34,7 +34,11 @@ struct FileWatchOptions {
   std::chrono::milliseconds poll_interval{1000};
   /// After a change notification, wait this long for more writes before reading, so a
   /// writer's half-written file is rarely seen (and if seen, reported then corrected).
+  /// Each further write restarts the wait, but a file written without pause is still
+  /// read `max_settle_factor` × settle after the first write of the burst: a writer
+  /// faster than `settle` cannot hold changes back until the fallback poll.
   std::chrono::milliseconds settle{20};
+  static constexpr int max_settle_factor = 5;
   Guards guards;
 };
 
@@ -219,7 +223,7 @@ private:
     using clock = std::chrono::steady_clock;
     auto next_poll = clock::now() + options_.poll_interval;
     bool pending = false, force = false;
-    clock::time_point settle_at{};
+    clock::time_point settle_at{}, settle_limit{};
     for (;;) {
       auto now = clock::now();
       auto due = pending ? std::min(settle_at, next_poll) : next_poll;
@@ -237,8 +241,10 @@ private:
           watch_ = -1;
         }
         force = force || named;
+        now = clock::now();
+        if (!pending) settle_limit = now + FileWatchOptions::max_settle_factor * options_.settle;
         pending = true;
-        settle_at = clock::now() + options_.settle;
+        settle_at = std::min(now + options_.settle, settle_limit);
       }
       now = clock::now();
       if (pending && now >= settle_at) {
