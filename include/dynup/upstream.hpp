@@ -144,6 +144,7 @@ public:
       hooks.on_error = [p](const Error& e) {
         if (p->on_error_) p->on_error_(e);
       };
+      hooks.leader_state = [p] { return p->watcher_status().to_json(); };
       auto member = detail::SharedMember::open(up->config_.shared, std::move(hooks));
       if (!member) return member.error().with_context("upstream " + up->config_.name);
       up->shared_ = std::move(member).value();
@@ -222,6 +223,7 @@ public:
     using nlohmann::ordered_json;
     auto table = tables_.load();
     WatcherStatus ws = watcher_status();
+    ordered_json shared = shared_ ? shared_->status() : ordered_json();
     ordered_json j;
     j["name"] = config_.name;
     // A follower process has no watcher: its source is the config's, token redacted.
@@ -229,13 +231,22 @@ public:
     j["policy"] = config_.policy;
     j["version"] = table->set->version();
     j["index"] = table->set->source_index();
-    if (ws.last_success) {
-      auto age = std::chrono::system_clock::now() - *ws.last_success;
-      j["age_ms"] = std::chrono::duration_cast<std::chrono::milliseconds>(age).count();
+    using std::chrono::milliseconds;
+    const auto now_ms = std::chrono::duration_cast<milliseconds>(std::chrono::system_clock::now().time_since_epoch());
+    if (shared_ && shared["role"] == "follower") {
+      // A follower's set is as fresh as its leader's, whose watcher says how fresh. With
+      // no leader alive nobody refreshes the set: stale.
+      const ordered_json& lw = shared["leader_watcher"];
+      const bool known = lw.is_object() && lw.contains("last_success_ms") && lw["last_success_ms"].is_number();
+      j["age_ms"] = known ? ordered_json(now_ms.count() - lw["last_success_ms"].get<std::int64_t>()) : ordered_json(nullptr);
+      j["stale"] = lw.is_object() && lw.contains("stale") ? lw["stale"].get<bool>() : true;
+    } else if (ws.last_success) {
+      j["age_ms"] = (now_ms - std::chrono::duration_cast<milliseconds>(ws.last_success->time_since_epoch())).count();
+      j["stale"] = ws.stale;
     } else {
       j["age_ms"] = nullptr;
+      j["stale"] = ws.stale;
     }
-    j["stale"] = ws.stale;
     j["watcher"] = {{"last_error", ws.last_error},
                     {"consecutive_failures", ws.consecutive_failures},
                     {"backoff_ms", ws.current_backoff.count()},
@@ -271,7 +282,7 @@ public:
       peers.push_back(std::move(e));
     }
     j["peers"] = std::move(peers);
-    if (shared_) j["shared"] = shared_->status();
+    if (shared_) j["shared"] = std::move(shared);
     return j;
   }
 

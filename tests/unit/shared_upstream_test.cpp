@@ -113,6 +113,29 @@ TEST_CASE("shared upstream: a follower without picks still follows (poll)") {
   CHECK(wait_until([&] { return ports(*follower) == std::vector<int>{8002}; })); // status() does not pick
 }
 
+TEST_CASE("shared upstream: a follower's status says how fresh its leader's set is") {
+  Host h({8001});
+  auto leader = start(h.config());
+  auto follower = start(h.config());
+  REQUIRE(role(*follower) == "follower");
+  auto fresh = [&](const Upstream& up) {
+    auto st = up.status();
+    return st["stale"] == false && st["age_ms"].is_number() && st["age_ms"].get<long long>() < 60000;
+  };
+  REQUIRE(wait_until([&] { return fresh(*follower); }));
+  CHECK(follower->status()["shared"]["leader_watcher"]["last_error"] == "");
+
+  write_by_rename(h.path, "{\"peers\": [");  // the leader cannot read it: its set is stale
+  REQUIRE(wait_until([&] { return leader->status()["stale"] == true; }));
+  CHECK(wait_until([&] { return follower->status()["stale"] == true; }));
+  auto st = follower->status();
+  CHECK(st["shared"]["leader_watcher"]["last_error"] != "");
+  CHECK(ports(*follower) == std::vector<int>{8001}); // the last good set, still served
+
+  write_by_rename(h.path, peers_doc({8002}));
+  CHECK(wait_until([&] { return routes_to(*follower, {8002}) && fresh(*follower); }));
+}
+
 TEST_CASE("shared upstream: when the leader stops, a follower leads and watches the source") {
   Host h({8001});
   auto a = start(h.config());

@@ -48,6 +48,10 @@ public:
     /// Errors that no call returns (a region read or write failing), on the thread that
     /// met them.
     std::function<void(const Error&)> on_error;
+    /// Leader: its watcher's status (WatcherStatus::to_json), which the member writes
+    /// beside its pid every poll period when it changed, so that followers can say how
+    /// fresh the set they serve is.
+    std::function<nlohmann::json()> leader_state;
   };
 
   /// Opens the region and the lock file. Errors name the "shared" field at fault.
@@ -104,15 +108,18 @@ public:
 
   bool leader() const noexcept { return leader_.load(std::memory_order_acquire); }
 
-  /// The "shared" part of the status: role, region version, leader pid, last error.
+  /// The "shared" part of the status: role, region version, leader pid, the leader's
+  /// watcher (as the leader last wrote it; null when no leader lives), last error.
   nlohmann::ordered_json status() const {
     nlohmann::ordered_json j;
     j["role"] = leader() ? "leader" : "follower";
     j["region"] = config_.dir + "/" + config_.name + ".dynup";
     j["region_version"] = region_.version();
     j["applied_version"] = applied_.load(std::memory_order_relaxed);
-    auto pid = leader_pid();
+    nlohmann::json state;
+    auto pid = read_leader_file(&state);
     j["leader_pid"] = pid ? nlohmann::ordered_json(*pid) : nlohmann::ordered_json(nullptr);
+    j["leader_watcher"] = pid && state.is_object() ? nlohmann::ordered_json(state) : nlohmann::ordered_json(nullptr);
     std::lock_guard<std::mutex> lock(mu_);
     j["last_error"] = last_error_;
     return j;
@@ -137,30 +144,46 @@ private:
 
   std::string pid_path() const { return config_.dir + "/" + config_.name + ".leader"; }
 
-  // The leader's pid, as the last leader wrote it, if that process still lives.
-  std::optional<long> leader_pid() const {
+  // The leader file: the pid on its first line, the leader's watcher status (JSON) on
+  // the second. Returns the pid, as the last leader wrote it, if that process still
+  // lives, and its status into `state` (left alone when the line is missing or bad).
+  std::optional<long> read_leader_file(nlohmann::json* state) const {
     std::ifstream in(pid_path());
     long pid = 0;
     if (!(in >> pid) || pid <= 0) return std::nullopt;
     if (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) return std::nullopt;
+    std::string line;
+    if (state && std::getline(in, line) && std::getline(in, line)) {
+      auto parsed = nlohmann::json::parse(line, nullptr, false);
+      if (!parsed.is_discarded()) *state = std::move(parsed);
+    }
     return pid;
   }
 
-  void write_pid() {
+  void write_leader_file(const nlohmann::json& state) {
     const std::string path = pid_path();
     const std::string tmp = path + ".tmp." + std::to_string(::getpid());
     {
       std::ofstream out(tmp, std::ios::trunc);
-      out << ::getpid() << "\n";
+      out << ::getpid() << "\n" << state.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
     }
     if (std::rename(tmp.c_str(), path.c_str()) != 0) std::remove(tmp.c_str());
+  }
+
+  // Leader: writes the leader file when the watcher's status changed since the last write.
+  void share_state() {
+    nlohmann::json state = hooks_.leader_state ? hooks_.leader_state() : nlohmann::json(nullptr);
+    if (written_state_ && *written_state_ == state) return;
+    write_leader_file(state);
+    written_state_ = std::move(state);
   }
 
   bool try_lead() {
     if (leader_.load(std::memory_order_relaxed)) return true;
     if (!lock_.try_acquire()) return false;
     leader_.store(true, std::memory_order_release);
-    write_pid();
+    written_state_.reset();
+    share_state();
     written_.reset();
     if (hooks_.lead && !hooks_.lead()) {
       leader_.store(false, std::memory_order_release);
@@ -200,8 +223,13 @@ private:
     std::unique_lock<std::mutex> lock(mu_);
     while (!stopping_) {
       if (leader_.load(std::memory_order_relaxed)) {
-        cv_.wait(lock, [&] { return stopping_; }); // the watcher and the rebuild do the work
-        break;
+        // The watcher and the rebuild do the work; this thread keeps the leader file's
+        // watcher status current for the followers' status().
+        if (cv_.wait_for(lock, config_.poll, [&] { return stopping_; })) break;
+        lock.unlock();
+        share_state();
+        lock.lock();
+        continue;
       }
       auto wake = std::min(clock::now() + config_.poll, next_try);
       cv_.wait_until(lock, wake, [&] { return stopping_ || poked_.load(std::memory_order_relaxed); });
@@ -225,6 +253,7 @@ private:
   std::atomic<std::uint64_t> applied_{0}; ///< region version of the set served
   std::atomic<bool> poked_{false};
   std::shared_ptr<const PeerSet> written_; ///< the leader's last write (rebuild thread)
+  std::optional<nlohmann::json> written_state_; ///< the leader file's status (the thread that leads)
 
   mutable std::mutex mu_; // guards the fields below and the thread's waits
   std::condition_variable cv_;
