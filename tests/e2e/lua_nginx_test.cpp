@@ -18,6 +18,7 @@ namespace {
 
 using dynup_test::LuaNginx;
 using dynup_test::LuaReply;
+using dynup_test::peer_by_id;
 using nlohmann::json;
 using namespace std::chrono_literals;
 using steady = std::chrono::steady_clock;
@@ -26,12 +27,6 @@ using steady = std::chrono::steady_clock;
 void require_lua_nginx() {
   std::string why = dynup_test::lua_nginx_missing_reason(dynup_test::nginx_binary());
   REQUIRE_MESSAGE(why.empty(), why);
-}
-
-std::string describe(const LuaReply& r) {
-  if (r.status == 0) return "no response (" + r.error + ")";
-  return std::to_string(r.status) + " \"" + r.body + "\" from worker " + r.worker_pid + ", upstream status \"" +
-         r.upstream_status + "\"";
 }
 
 // Each worker's status JSON, asked on fresh connections until both have answered.
@@ -44,12 +39,6 @@ std::map<std::string, json> status_by_worker(LuaNginx& ngx) {
   }
   REQUIRE_MESSAGE(out.size() == 2, "only " << out.size() << " worker(s) answered /status");
   return out;
-}
-
-const json* peer_by_id(const json& status, const std::string& id) {
-  for (const json& p : status.at("peers"))
-    if (p.at("id") == id) return &p;
-  return nullptr;
 }
 
 } // namespace
@@ -151,25 +140,15 @@ TEST_CASE("lua binding: a dead peer is retried on a live one, with no client err
       },
       5000ms));
 
-  int errors = 0, retried = 0;
-  std::map<std::string, int> by_backend;
-  for (int i = 0; i < 90; ++i) {
-    LuaReply r = ngx.get();
-    if (r.status != 200 || (r.body != "0" && r.body != "1")) {
-      ++errors;
-      MESSAGE("request " << i << ": " << describe(r));
-      continue;
-    }
-    ++by_backend[r.body];
-    if (r.upstream_status.find("502, ") == 0) ++retried;
-  }
-  MESSAGE("dead peer: 90 requests, " << errors << " client error(s), " << retried
-                                     << " retried after a refused connection, backend 0 served " << by_backend["0"]
-                                     << ", backend 1 " << by_backend["1"]);
-  CHECK(errors == 0);
-  CHECK(retried >= 1);
-  CHECK(by_backend["0"] > 0);
-  CHECK(by_backend["1"] > 0);
+  dynup_test::NginxTraffic t = ngx.send(90);
+  for (const std::string& failure : t.failures) MESSAGE(failure);
+  MESSAGE("dead peer: 90 requests, " << t.failures.size() << " client error(s), " << t.retried
+                                     << " retried after a refused connection, backend 0 served " << t.by_backend["0"]
+                                     << ", backend 1 " << t.by_backend["1"]);
+  CHECK(t.failures.empty());
+  CHECK(t.retried >= 1);
+  CHECK(t.by_backend["0"] > 0);
+  CHECK(t.by_backend["1"] > 0);
 
   // Every pick ended (retried tries in balancer_by_lua, final ones in log_by_lua), and
   // the refused connections reached passive health (max_fails 1 by default).

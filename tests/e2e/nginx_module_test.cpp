@@ -6,9 +6,9 @@
 // without them these tests fail, saying what to install.
 #include <support/etcd.hpp>
 #include <support/module_nginx.hpp>
-#include <support/process.hpp>
 #include <support/text.hpp>
 #include <support/wait.hpp>
+#include <support/wrk.hpp>
 
 #include <doctest/doctest.h>
 #include <httplib.h>
@@ -32,10 +32,19 @@
 
 namespace {
 
+using dynup_test::churn_set;
+using dynup_test::describe;
 using dynup_test::ModuleNginx;
 using dynup_test::ModuleNginxOptions;
+using dynup_test::named_peers;
 using dynup_test::NginxReply;
+using dynup_test::NginxTraffic;
+using dynup_test::peer_by_id;
+using dynup_test::peers_of;
+using dynup_test::PeerWeights;
+using dynup_test::WeightedBackends;
 using dynup_test::WorkerNginx;
+using dynup_test::WrkSummary;
 using nlohmann::json;
 using namespace std::chrono_literals;
 using steady = std::chrono::steady_clock;
@@ -46,10 +55,13 @@ void require_module_nginx() {
   REQUIRE_MESSAGE(why.empty(), why);
 }
 
-std::string describe(const NginxReply& r) {
-  if (r.status == 0) return "no response (" + r.error + ")";
-  return std::to_string(r.status) + " \"" + r.body + "\" from worker " + r.worker_pid + ", upstream status \"" +
-         r.upstream_status + "\"";
+// Options for `backends` backends, the peer file naming those in `initial`; the rest
+// as ModuleNginxOptions defaults it.
+ModuleNginxOptions with_backends(std::size_t backends, std::vector<std::size_t> initial) {
+  ModuleNginxOptions o;
+  o.backends = backends;
+  o.initial = std::move(initial);
+  return o;
 }
 
 long long ms_since(steady::time_point t0) {
@@ -62,28 +74,6 @@ bool log_is_clean(const std::string& log) {
   for (const char* level : {"[alert]", "[crit]", "[emerg]"})
     if (dynup_test::contains(log, level)) return false;
   return true;
-}
-
-using PeerSet = std::set<std::pair<std::string, std::uint32_t>>; // (id, weight)
-using Weighted = std::vector<std::pair<std::size_t, std::uint32_t>>; // (backend, weight)
-
-PeerSet peers_of(const json& upstream_status) {
-  PeerSet out;
-  for (const json& p : upstream_status.at("peers"))
-    out.emplace(p.at("id").get<std::string>(), p.at("weight").get<std::uint32_t>());
-  return out;
-}
-
-PeerSet expected(const Weighted& set) {
-  PeerSet out;
-  for (const auto& [i, w] : set) out.emplace("b" + std::to_string(i), w);
-  return out;
-}
-
-std::string describe(const PeerSet& s) {
-  std::string out;
-  for (const auto& [id, w] : s) out += (out.empty() ? "" : " ") + id + "=" + std::to_string(w);
-  return out;
 }
 
 // True once every worker's upstream status satisfies `pred`, within `limit`.
@@ -99,14 +89,8 @@ template <class Pred> bool all_workers(ModuleNginx& ngx, Pred pred, std::chrono:
       limit);
 }
 
-bool all_workers_serve(ModuleNginx& ngx, const PeerSet& want, std::chrono::milliseconds limit = 5000ms) {
+bool all_workers_serve(ModuleNginx& ngx, const PeerWeights& want, std::chrono::milliseconds limit = 5000ms) {
   return all_workers(ngx, [&](const json& st) { return peers_of(st) == want; }, limit);
-}
-
-const json* peer_by_id(const json& upstream_status, const std::string& id) {
-  for (const json& p : upstream_status.at("peers"))
-    if (p.at("id") == id) return &p;
-  return nullptr;
 }
 
 // Requests until `streak` consecutive answers came from backend `want`, served by every
@@ -129,22 +113,6 @@ std::chrono::milliseconds until_all_go_to(ModuleNginx& ngx, const std::string& w
   return -1ms;
 }
 
-// `n` requests: the count of answers per body; every other outcome goes to `failures`.
-std::map<std::string, int> spread(ModuleNginx& ngx, int n, std::vector<std::string>& failures,
-                                  std::set<std::string>* workers = nullptr) {
-  std::map<std::string, int> out;
-  for (int i = 0; i < n; ++i) {
-    NginxReply r = ngx.get();
-    if (r.status != 200) {
-      failures.push_back("request " + std::to_string(i) + ": " + describe(r));
-      continue;
-    }
-    ++out[r.body];
-    if (workers) workers->insert(r.worker_pid);
-  }
-  return out;
-}
-
 std::string join(const std::vector<std::string>& lines) {
   std::string out;
   for (const std::string& l : lines) out += l + "\n";
@@ -158,65 +126,11 @@ std::string describe(const std::map<std::string, int>& counts) {
   return out.empty() ? "nothing" : out;
 }
 
-/// wrk: $DYNUP_WRK, else the first of the usual paths that exists, else /usr/bin/wrk.
-std::string wrk_binary() {
-  if (const char* env = std::getenv("DYNUP_WRK"); env && *env) return env;
-  for (const char* p : {"/usr/bin/wrk", "/usr/local/bin/wrk"})
-    if (::access(p, X_OK) == 0) return p;
-  return "/usr/bin/wrk";
-}
-
-/// What wrk's plain-text summary says.
-struct WrkSummary {
-  long long requests = -1;     ///< "N requests in 15.00s"; -1 when absent
-  long long non_2xx_3xx = 0;   ///< "Non-2xx or 3xx responses: N"; absent means 0
-  long long socket_errors = 0; ///< the sum of "Socket errors: connect A, read B, write C, timeout D"
-  double requests_per_s = 0;   ///< "Requests/sec: X"
-};
-
-WrkSummary parse_wrk(const std::string& out) {
-  WrkSummary s;
-  std::istringstream lines(out);
-  std::string line;
-  while (std::getline(lines, line)) {
-    std::istringstream words(line);
-    std::string first;
-    words >> first;
-    if (dynup_test::contains(line, " requests in ")) {
-      s.requests = std::stoll(first);
-    } else if (first == "Socket") {
-      std::string word;
-      while (words >> word) {
-        if (!word.empty() && word.back() == ',') word.pop_back();
-        if (!word.empty() && word.find_first_not_of("0123456789") == std::string::npos)
-          s.socket_errors += std::stoll(word);
-      }
-    } else if (dynup_test::contains(line, "Non-2xx or 3xx responses:")) {
-      s.non_2xx_3xx = std::stoll(line.substr(line.rfind(':') + 1));
-    } else if (first == "Requests/sec:") {
-      words >> s.requests_per_s;
-    }
-  }
-  return s;
-}
-
-// Change k of the churn: backends by the 4-bit mask 1 + 7k mod 15 (every non-empty subset
-// in turn, never the same twice in a row), each weighted 1 + (k + i) mod 4.
-Weighted churn_set(std::size_t k) {
-  Weighted out;
-  const std::size_t mask = 1 + (k * 7) % 15;
-  for (std::size_t i = 0; i < 4; ++i)
-    if (mask & (std::size_t{1} << i)) out.emplace_back(i, static_cast<std::uint32_t>(1 + (k + i) % 4));
-  return out;
-}
-
 } // namespace
 
 TEST_CASE("nginx module: adding, removing and reweighting file peers moves both workers' traffic without a reload") {
   require_module_nginx();
-  ModuleNginxOptions o;
-  o.backends = 3;
-  o.initial = {0, 1};
+  ModuleNginxOptions o = with_backends(3, {0, 1});
   o.params = {"policy=round_robin"};
   ModuleNginx ngx(o);
   const pid_t master = ngx.master_pid();
@@ -225,7 +139,7 @@ TEST_CASE("nginx module: adding, removing and reweighting file peers moves both 
 
   struct Step {
     std::string what;
-    Weighted set;
+    WeightedBackends set;
   };
   const std::vector<Step> steps{{"add b2", {{0, 1}, {1, 1}, {2, 1}}},
                                 {"remove b0", {{1, 1}, {2, 1}}},
@@ -234,22 +148,20 @@ TEST_CASE("nginx module: adding, removing and reweighting file peers moves both 
     CAPTURE(step.what);
     ngx.write_peers(ngx.weighted_peers_doc(step.set));
     const auto written = steady::now();
-    REQUIRE_MESSAGE(all_workers_serve(ngx, expected(step.set)),
-                    "the workers did not all serve " << describe(expected(step.set)) << " within 5 s");
+    REQUIRE_MESSAGE(all_workers_serve(ngx, named_peers(step.set)),
+                    "the workers did not all serve " << describe(named_peers(step.set)) << " within 5 s");
     const long long took = ms_since(written);
 
     // Smooth weighted round robin per worker, the kernel spreading the connections over
     // the workers: each backend's share is within a few requests of its weight's.
     constexpr int n = 60;
-    std::vector<std::string> failures;
-    std::set<std::string> served_by;
-    auto counts = spread(ngx, n, failures, &served_by);
+    NginxTraffic t = ngx.send(n);
     MESSAGE(step.what << ": both workers' status showed the new set " << took << " ms after the write; " << n
-                      << " requests: " << describe(counts));
+                      << " requests: " << describe(t.by_backend));
     CHECK(took < 1000);
-    CHECK_MESSAGE(failures.empty(), join(failures));
-    CHECK(served_by.size() == 2);
-    for (const std::string& w : served_by) CHECK(workers.count(static_cast<pid_t>(std::stol(w))) == 1);
+    CHECK_MESSAGE(t.failures.empty(), join(t.failures));
+    CHECK(t.workers.size() == 2);
+    for (const std::string& w : t.workers) CHECK(workers.count(static_cast<pid_t>(std::stol(w))) == 1);
     std::uint32_t total = 0;
     for (const auto& [i, w] : step.set) total += w;
     for (std::size_t b = 0; b < 3; ++b) {
@@ -257,7 +169,7 @@ TEST_CASE("nginx module: adding, removing and reweighting file peers moves both 
       for (const auto& [i, weight] : step.set)
         if (i == b) w = weight;
       const double want = static_cast<double>(n) * w / total;
-      const int got = counts[std::to_string(b)];
+      const int got = t.by_backend[std::to_string(b)];
       CHECK_MESSAGE(std::abs(got - want) <= 6.0,
                     "backend " << b << " (weight " << w << ") served " << got << ", expected about " << want);
     }
@@ -274,9 +186,7 @@ TEST_CASE("nginx module: an etcd source moves the traffic, and only the leading 
   REQUIRE_MESSAGE(missing.empty(), missing);
   dynup_test::Etcd etcd;
   const std::string prefix = "/dynup-e2e/module/api/";
-  ModuleNginxOptions o;
-  o.backends = 3;
-  o.initial = {};
+  ModuleNginxOptions o = with_backends(3, {});
   o.source = [&](const WorkerNginx&) { return etcd.spec(prefix); };
   ModuleNginx ngx(o);
 
@@ -326,22 +236,18 @@ TEST_CASE("nginx module: an etcd source moves the traffic, and only the leading 
   CHECK(took < 1000ms);
 
   etcd.put(prefix + "b2", R"({"host":"127.0.0.1","port":)" + std::to_string(ngx.backend_port(2)) + R"(,"weight":3})");
-  REQUIRE(all_workers_serve(ngx, PeerSet{{"b1", 1}, {"b2", 3}}));
-  std::vector<std::string> failures;
-  auto counts = spread(ngx, 60, failures);
-  MESSAGE("after putting b2 with weight 3, 60 requests: " << describe(counts));
-  CHECK(failures.empty());
-  CHECK(counts["1"] + counts["2"] == 60);
-  CHECK(std::abs(counts["2"] - 45) <= 6);
+  REQUIRE(all_workers_serve(ngx, PeerWeights{{"b1", 1}, {"b2", 3}}));
+  NginxTraffic t = ngx.send(60);
+  MESSAGE("after putting b2 with weight 3, 60 requests: " << describe(t.by_backend));
+  CHECK(t.failures.empty());
+  CHECK(t.by_backend["1"] + t.by_backend["2"] == 60);
+  CHECK(std::abs(t.by_backend["2"] - 45) <= 6);
   CHECK_MESSAGE(log_is_clean(ngx.error_log()), ngx.error_log());
 }
 
 TEST_CASE("nginx module: kill -9 of the leading worker, nginx respawns it, another leads within 1 s and changes flow") {
   require_module_nginx();
-  ModuleNginxOptions o;
-  o.backends = 3;
-  o.initial = {0};
-  ModuleNginx ngx(o);
+  ModuleNginx ngx(with_backends(3, {0}));
   auto statuses = ngx.upstream_status_by_worker();
   REQUIRE(statuses.size() == 2);
   const json leader_json = statuses.begin()->second.at("shared").at("leader_pid");
@@ -386,7 +292,7 @@ TEST_CASE("nginx module: kill -9 of the leading worker, nginx respawns it, anoth
 
   for (std::size_t to : {1u, 2u}) {
     ngx.write_peers(ngx.peers_doc({to}));
-    CHECK_MESSAGE(all_workers_serve(ngx, PeerSet{{"b" + std::to_string(to), 1}}),
+    CHECK_MESSAGE(all_workers_serve(ngx, PeerWeights{{"b" + std::to_string(to), 1}}),
                   "the workers did not all serve b" << to);
     auto moved = until_all_go_to(ngx, std::to_string(to));
     CHECK_MESSAGE(moved.count() >= 0, "traffic did not move to backend " << to);
@@ -396,39 +302,38 @@ TEST_CASE("nginx module: kill -9 of the leading worker, nginx respawns it, anoth
 
 TEST_CASE("nginx module: a registry down at start serves the snapshot's peers, marked stale") {
   require_module_nginx();
-  ModuleNginxOptions o;
-  o.backends = 3;
+  ModuleNginxOptions o = with_backends(3, {2}); // the peer file is not the source here: nothing may reach backend 2
   o.dead = 1;
-  o.initial = {2}; // the peer file is not the source here: nothing may reach backend 2
   o.source = [](const WorkerNginx& n) {
     return "etcd://127.0.0.1:" + std::to_string(n.dead_port(0)) + "/dynup-e2e/module/api/";
   };
   o.snapshot = std::vector<std::size_t>{0, 1};
   ModuleNginx ngx(o);
 
-  std::vector<std::string> failures;
-  std::set<std::string> workers;
-  auto counts = spread(ngx, 60, failures, &workers);
-  MESSAGE("etcd unreachable, snapshot {b0, b1}: 60 requests: " << describe(counts));
-  CHECK_MESSAGE(failures.empty(), join(failures) << "\nerror log:\n" << ngx.error_log());
-  CHECK(counts["0"] > 0);
-  CHECK(counts["1"] > 0);
-  CHECK(counts["0"] + counts["1"] == 60);
-  CHECK(workers.size() == 2);
+  NginxTraffic t = ngx.send(60);
+  MESSAGE("etcd unreachable, snapshot {b0, b1}: 60 requests: " << describe(t.by_backend));
+  CHECK_MESSAGE(t.failures.empty(), join(t.failures) << "\nerror log:\n" << ngx.error_log());
+  CHECK(t.by_backend["0"] > 0);
+  CHECK(t.by_backend["1"] > 0);
+  CHECK(t.by_backend["0"] + t.by_backend["1"] == 60);
+  CHECK(t.workers.size() == 2);
 
-  // The leader's watcher says so; a follower has no watcher, and its status says
-  // "stale": false for the same set (the region does not carry staleness).
+  // The leader's watcher says so, and a follower (no watcher of its own) repeats what
+  // the leader wrote about it.
+  REQUIRE(all_workers(ngx, [](const json& st) { return st.at("stale") == true; }));
   auto statuses = ngx.upstream_status_by_worker();
   REQUIRE(statuses.size() == 2);
   int leaders = 0;
   for (const auto& [pid, st] : statuses) {
     INFO("worker " << pid << ": " << st.dump());
-    CHECK(peers_of(st) == PeerSet{{"b0", 1}, {"b1", 1}});
+    CHECK(peers_of(st) == PeerWeights{{"b0", 1}, {"b1", 1}});
+    CHECK(st.at("stale") == true);
     if (st.at("shared").at("role") == "leader") {
       ++leaders;
-      CHECK(st.at("stale") == true);
       CHECK(st.at("watcher").at("last_error") != "");
       CHECK(st.at("watcher").at("consecutive_failures").get<long long>() >= 1);
+    } else {
+      CHECK(st.at("shared").at("leader_watcher").at("last_error") != "");
     }
   }
   CHECK(leaders == 1);
@@ -441,9 +346,7 @@ TEST_CASE("nginx module: with keepalive, sequential requests reuse a few backend
   std::map<bool, std::size_t> distinct;
   for (bool keepalive : {true, false}) {
     CAPTURE(keepalive);
-    ModuleNginxOptions o;
-    o.backends = 2;
-    o.initial = {0, 1};
+    ModuleNginxOptions o = with_backends(2, {0, 1});
     o.keepalive = keepalive;
     ModuleNginx ngx(o);
     std::set<std::string> connections; // "<backend> <its connection number>"
@@ -472,34 +375,22 @@ TEST_CASE("nginx module: with keepalive, sequential requests reuse a few backend
 
 TEST_CASE("nginx module: a dead peer is retried on a live one, then passive health takes it out") {
   require_module_nginx();
-  ModuleNginxOptions o;
-  o.backends = 2;
+  ModuleNginxOptions o = with_backends(2, {0, 1});
   o.dead = 1;
-  o.initial = {0, 1};
   // A long fail_timeout: the dead peer stays down for the rest of the test.
   o.params = {"health.passive.max_fails=1", "health.passive.fail_timeout_ms=60000"};
   ModuleNginx ngx(o);
   ngx.write_peers(ngx.peers_doc({0, 1}, {0}));
   REQUIRE(all_workers(ngx, [](const json& st) { return st.at("peers").size() == 3; }));
 
-  int errors = 0, retried = 0;
-  std::map<std::string, int> by_backend;
-  for (int i = 0; i < 50; ++i) {
-    NginxReply r = ngx.get();
-    if (r.status != 200 || (r.body != "0" && r.body != "1")) {
-      ++errors;
-      MESSAGE("request " << i << ": " << describe(r));
-      continue;
-    }
-    ++by_backend[r.body];
-    if (r.upstream_status.rfind("502, ", 0) == 0) ++retried;
-  }
-  MESSAGE("dead peer: 50 requests, " << errors << " client error(s), " << retried
-                                     << " retried after a refused connection, " << describe(by_backend));
-  CHECK(errors == 0);
-  CHECK(retried >= 1);
-  CHECK(by_backend["0"] > 0);
-  CHECK(by_backend["1"] > 0);
+  NginxTraffic t = ngx.send(50);
+  for (const std::string& failure : t.failures) MESSAGE(failure);
+  MESSAGE("dead peer: 50 requests, " << t.failures.size() << " client error(s), " << t.retried
+                                     << " retried after a refused connection, " << describe(t.by_backend));
+  CHECK(t.failures.empty());
+  CHECK(t.retried >= 1);
+  CHECK(t.by_backend["0"] > 0);
+  CHECK(t.by_backend["1"] > 0);
 
   // Each worker keeps its own passive health, as nginx's max_fails is per worker.
   REQUIRE(all_workers(ngx, [](const json& st) {
@@ -528,10 +419,7 @@ TEST_CASE("nginx module: a dead peer is retried on a live one, then passive heal
 
 TEST_CASE("nginx module: a reload keeps serving, and the new workers route to the current set at once") {
   require_module_nginx();
-  ModuleNginxOptions o;
-  o.backends = 3;
-  o.initial = {0};
-  ModuleNginx ngx(o);
+  ModuleNginx ngx(with_backends(3, {0}));
   const pid_t master = ngx.master_pid();
   const std::set<pid_t> old_workers = ngx.worker_pids();
   REQUIRE(old_workers.size() == 2);
@@ -539,7 +427,7 @@ TEST_CASE("nginx module: a reload keeps serving, and the new workers route to th
   // A change made before the reload: the new workers must not start from the config's
   // first state, nor from the initial file.
   ngx.write_peers(ngx.peers_doc({1}));
-  REQUIRE(all_workers_serve(ngx, PeerSet{{"b1", 1}}));
+  REQUIRE(all_workers_serve(ngx, PeerWeights{{"b1", 1}}));
 
   ngx.reload();
   const auto reloaded = steady::now();
@@ -568,18 +456,16 @@ TEST_CASE("nginx module: a reload keeps serving, and the new workers route to th
   }
   const long long took = ms_since(reloaded);
   REQUIRE_MESSAGE(!first_new.empty(), "no new worker answered within 10 s of the reload");
-  std::vector<std::string> failures;
-  std::set<std::string> after_workers;
-  auto after = spread(ngx, 60, failures, &after_workers);
+  NginxTraffic after = ngx.send(60);
   MESSAGE("reload: new workers served after " << took << " ms; " << during << " requests during it (" << errors
                                               << " error(s)), the first new worker's answer: backend " << first_new
-                                              << "; 60 after: " << describe(after));
+                                              << "; 60 after: " << describe(after.by_backend));
   CHECK(errors == 0);
   CHECK(first_new == "1");
   CHECK(new_wrong == 0);
-  CHECK_MESSAGE(failures.empty(), join(failures));
-  CHECK(after["1"] == 60);
-  for (const std::string& w : after_workers) CHECK(old_workers.count(static_cast<pid_t>(std::stol(w))) == 0);
+  CHECK_MESSAGE(after.failures.empty(), join(after.failures));
+  CHECK(after.by_backend["1"] == 60);
+  for (const std::string& w : after.workers) CHECK(old_workers.count(static_cast<pid_t>(std::stol(w))) == 0);
   CHECK(ngx.master_pid() == master);
 
   // Once the old workers are gone one new worker leads, and changes reach both.
@@ -597,10 +483,7 @@ TEST_CASE("nginx module: a reload keeps serving, and the new workers route to th
 
 TEST_CASE("nginx module: dynup_status answers each worker's JSON: pid, upstream, version, peers, leader") {
   require_module_nginx();
-  ModuleNginxOptions o;
-  o.backends = 2;
-  o.initial = {0, 1};
-  ModuleNginx ngx(o);
+  ModuleNginx ngx(with_backends(2, {0, 1}));
   const std::set<pid_t> workers = ngx.worker_pids();
   auto docs = ngx.status_by_worker();
   REQUIRE(docs.size() == 2);
@@ -617,7 +500,7 @@ TEST_CASE("nginx module: dynup_status answers each worker's JSON: pid, upstream,
     CHECK(up.at("policy") == "round_robin");
     REQUIRE(up.at("version").is_number_unsigned());
     CHECK(up.at("version").get<long long>() >= 1);
-    CHECK(peers_of(up) == PeerSet{{"b0", 1}, {"b1", 1}});
+    CHECK(peers_of(up) == PeerWeights{{"b0", 1}, {"b1", 1}});
     for (const json& p : up.at("peers")) {
       CHECK(p.at("state") == "healthy");
       CHECK(p.at("reason") == "healthy");
@@ -644,46 +527,21 @@ TEST_CASE("nginx module: dynup_status answers each worker's JSON: pid, upstream,
 
 TEST_CASE("nginx module under wrk: 1000 peer file changes, no client errors, both workers end on the last set") {
   require_module_nginx();
-  const std::string wrk = wrk_binary();
-  REQUIRE_MESSAGE(::access(wrk.c_str(), X_OK) == 0,
-                  "wrk is required for the load test but \"" << wrk
-                                                             << "\" is not an executable (scripts/install-deps.sh "
-                                                                "installs it; $DYNUP_WRK overrides the path)");
+  std::string why = dynup_test::wrk_missing_reason();
+  REQUIRE_MESSAGE(why.empty(), why);
   constexpr std::size_t changes = 1000;
-  constexpr auto run_for = 15s;            // wrk's -d
-  constexpr auto first_change_at = 1000ms; // after wrk's start
-  constexpr auto spacing = 12ms;           // 1000 changes over 12 s, done 2 s before wrk stops
-  ModuleNginxOptions o;
-  o.backends = 4;
-  o.initial = {0, 1, 2};
-  ModuleNginx ngx(o);
+  constexpr auto spacing = 12ms; // 1000 changes over 12 s from 1 s after wrk's start, done 2 s before it stops
+  ModuleNginx ngx(with_backends(4, {0, 1, 2}));
   for (int i = 0; i < 10; ++i) REQUIRE_MESSAGE(ngx.get().status == 200, ngx.error_log());
   const pid_t master = ngx.master_pid();
   const std::set<pid_t> workers = ngx.worker_pids();
 
-  dynup_test::Process load({wrk, "-t2", "-c16", "-d15s", "--timeout", "5s",
-                            "http://127.0.0.1:" + std::to_string(ngx.proxy_port()) + "/"});
-  const auto started = steady::now();
-  std::size_t written = 0;
-  for (std::size_t k = 0; k < changes; ++k) {
-    std::this_thread::sleep_until(started + first_change_at + k * spacing);
-    if (steady::now() - started > run_for + 5s) break; // bounded even on a stalled machine
-    ngx.write_peers(ngx.weighted_peers_doc(churn_set(k)));
-    ++written;
-  }
-  const auto last_write = std::chrono::duration_cast<std::chrono::milliseconds>(steady::now() - started);
-  const bool wrk_ran_through_all = !load.wait_exit(0ms).has_value();
+  const dynup_test::ChurnRun run = dynup_test::run_wrk_under_churn(ngx, changes, spacing);
+  INFO("wrk output:\n" << run.output);
+  dynup_test::require_wrk_succeeded(run);
+  const WrkSummary& s = run.summary;
 
-  std::string out = load.read_all(dynup_test::Process::Stream::out, 30s);
-  auto exit = load.wait_exit(10s);
-  REQUIRE_MESSAGE(exit.has_value(), "wrk did not end within 30 s of its 15 s run");
-  std::string err = load.read_all(dynup_test::Process::Stream::err, 1s);
-  INFO("wrk output:\n" << out << err);
-  REQUIRE(exit->exited);
-  REQUIRE(exit->code == 0);
-  const WrkSummary s = parse_wrk(out);
-
-  const PeerSet last = expected(churn_set(changes - 1));
+  const PeerWeights last = named_peers(churn_set(changes - 1));
   bool settled = all_workers(ngx, [&](const json& st) {
     if (peers_of(st) != last) return false;
     for (const json& p : st.at("peers"))
@@ -698,11 +556,11 @@ TEST_CASE("nginx module under wrk: 1000 peer file changes, no client errors, bot
   }
   MESSAGE("wrk -t2 -c16 -d15s under churn: " << s.requests << " requests (" << s.requests_per_s << "/s), "
                                              << s.non_2xx_3xx << " non-2xx/3xx, " << s.socket_errors
-                                             << " socket errors; " << written << " file changes, the last "
-                                             << last_write.count() << " ms after wrk's start; versions reached "
+                                             << " socket errors; " << run.written << " file changes, the last "
+                                             << run.last_write.count() << " ms after wrk's start; versions reached "
                                              << "(1 = the initial file): " << versions.str());
-  CHECK(written == changes);
-  CHECK_MESSAGE(wrk_ran_through_all, "wrk ended before the last change");
+  CHECK(run.written == changes);
+  CHECK_MESSAGE(run.wrk_ran_through_all, "wrk ended before the last change");
   CHECK(s.requests >= 1000);
   CHECK(s.non_2xx_3xx == 0);
   CHECK(s.socket_errors == 0);

@@ -80,6 +80,27 @@ public:
       : WorkerNginx("nginx (lua)", shape(backends, dead, std::move(initial)), configure(std::move(upstream_extra))) {}
 
 private:
+  // The body of `upstream api`: a pick per try (keyed by X-Key), two retries allowed, the
+  // request ended when no peer is live. nginx wants a `server` line: a placeholder.
+  static constexpr const char* balancer = R"(    server 0.0.0.1;
+    balancer_by_lua_block {
+      local balancer = require "ngx.balancer"
+      local dynup = require "resty.dynup"
+      local up = dynup.get("api")
+      local host, port, err = up:pick(ngx.var.http_x_key)
+      if not host then
+        ngx.log(ngx.ERR, "dynup: ", err)
+        return ngx.exit(dynup.NO_LIVE_UPSTREAMS)
+      end
+      if up:tries() == 1 then balancer.set_more_tries(2) end
+      local ok, set_err = balancer.set_current_peer(host, port)
+      if not ok then
+        ngx.log(ngx.ERR, "dynup: set_current_peer: ", set_err)
+        return ngx.exit(ngx.ERROR)
+      end
+    }
+)";
+
   static WorkerNginxShape shape(std::size_t backends, std::size_t dead, std::vector<std::size_t> initial) {
     std::string missing = lua_nginx_missing_reason(nginx_binary());
     if (!missing.empty()) throw std::runtime_error(missing);
@@ -105,23 +126,7 @@ private:
                 std::string(DYNUP_C_LIB) + "\"})\n";
       l.http += "    if not up then ngx.log(ngx.ERR, \"dynup: \", err) end\n";
       l.http += "  }\n";
-      l.upstream += "    server 0.0.0.1;\n";
-      l.upstream += "    balancer_by_lua_block {\n";
-      l.upstream += "      local balancer = require \"ngx.balancer\"\n";
-      l.upstream += "      local dynup = require \"resty.dynup\"\n";
-      l.upstream += "      local up = dynup.get(\"api\")\n";
-      l.upstream += "      local host, port, err = up:pick(ngx.var.http_x_key)\n";
-      l.upstream += "      if not host then\n";
-      l.upstream += "        ngx.log(ngx.ERR, \"dynup: \", err)\n";
-      l.upstream += "        return ngx.exit(dynup.NO_LIVE_UPSTREAMS)\n";
-      l.upstream += "      end\n";
-      l.upstream += "      if up:tries() == 1 then balancer.set_more_tries(2) end\n";
-      l.upstream += "      local ok, set_err = balancer.set_current_peer(host, port)\n";
-      l.upstream += "      if not ok then\n";
-      l.upstream += "        ngx.log(ngx.ERR, \"dynup: set_current_peer: \", set_err)\n";
-      l.upstream += "        return ngx.exit(ngx.ERROR)\n";
-      l.upstream += "      end\n";
-      l.upstream += "    }\n";
+      l.upstream = balancer;
       l.proxy += "      log_by_lua_block { require(\"resty.dynup\").get(\"api\"):report() }\n";
       l.status += "      content_by_lua_block { ngx.print(require(\"resty.dynup\").get(\"api\"):status()) }\n";
       return l;

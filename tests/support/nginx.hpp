@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <random>
 #include <stdexcept>
@@ -98,6 +99,22 @@ inline bool nginx_answers(const char* path, std::uint16_t port, const std::strin
   return res && res->status == 200 && res->body == body;
 }
 
+/// The start of a test nginx's config, everything kept under `prefix`: the error log,
+/// the pid file, events, and `http {` opened with no access log, text/plain and the temp
+/// paths. The caller adds its http-level lines and closes the block.
+inline std::string nginx_config_head(const std::string& prefix) {
+  std::string c;
+  c += "error_log " + prefix + "/error.log notice;\n";
+  c += "pid " + prefix + "/nginx.pid;\n";
+  c += "events { worker_connections 1024; }\n";
+  c += "http {\n";
+  c += "  access_log off;\n";
+  c += "  default_type text/plain;\n";
+  for (const char* t : {"client_body", "proxy", "fastcgi", "uwsgi", "scgi"})
+    c += std::string("  ") + t + "_temp_path " + prefix + "/" + t + ";\n";
+  return c;
+}
+
 /// Ready when the proxy answers /ready with this instance's token (so not some other
 /// process that took the port) and every backend answers with its index. nginx binds
 /// all its ports before it serves anything, so an answer means every bind succeeded.
@@ -118,6 +135,35 @@ inline bool wait_nginx_ready(Process& nginx, std::uint16_t proxy_port, const std
   return false;
 }
 
+/// Starts an nginx harness: calls `attempt` (one start on newly chosen ports: empty on
+/// success, else what went wrong) up to 5 times, again only after "Address already in
+/// use", a port taken between free_loopback_ports and nginx's bind(). Throws
+/// std::runtime_error with `what`, every attempt's failure and `config`, read then, so
+/// it is the last attempt's.
+inline void start_with_retries(const std::string& what, const std::function<std::string()>& attempt,
+                               const std::string& config) {
+  std::string failures;
+  for (int n = 1; n <= 5; ++n) {
+    std::string why = attempt();
+    if (why.empty()) return;
+    failures += "attempt " + std::to_string(n) + ": " + why + "\n";
+    if (why.find("Address already in use") == std::string::npos) break;
+  }
+  throw std::runtime_error(what + " did not start\n" + failures + "config:\n" + config);
+}
+
+/// Why a start attempt failed: stops `nginx` and returns its stderr and `error_log`,
+/// which it removes so that the next attempt starts a clean log.
+inline std::string failed_start_output(Process& nginx, const std::string& error_log) {
+  nginx.stop(std::chrono::milliseconds(3000));
+  std::string out = nginx.read_all(Process::Stream::err, std::chrono::milliseconds(500));
+  std::string log = exists(error_log) ? read_all(error_log) : "";
+  if (!log.empty()) out += (out.empty() ? "" : "\n") + log;
+  std::error_code ec;
+  std::filesystem::remove(error_log, ec);
+  return out.empty() ? "not ready within the timeout" : out;
+}
+
 /// A running nginx proxying to its own backends. Starts in the constructor (throws
 /// std::runtime_error with nginx's output if it cannot), stops by PID in the destructor.
 /// Not thread-safe: one test thread drives it.
@@ -134,16 +180,7 @@ public:
     if (upstream_.weights.empty()) throw std::invalid_argument("Nginx: no backends");
     std::string missing = nginx_missing_reason(nginx_binary());
     if (!missing.empty()) throw std::runtime_error(missing);
-    std::string failures;
-    // A port taken between free_loopback_ports and nginx's bind() makes nginx exit with
-    // "Address already in use": pick new ports and start again.
-    for (int attempt = 1; attempt <= max_attempts; ++attempt) {
-      std::string why = start();
-      if (why.empty()) return;
-      failures += "attempt " + std::to_string(attempt) + ": " + why + "\n";
-      if (why.find("Address already in use") == std::string::npos) break;
-    }
-    throw std::runtime_error("nginx did not start\n" + failures + "config:\n" + config_);
+    start_with_retries("nginx", [this] { return start(); }, config_);
   }
 
   ~Nginx() { stop(); }
@@ -191,8 +228,6 @@ public:
   }
 
 private:
-  static constexpr int max_attempts = 5;
-
   static void check_key(const std::string& key) {
     auto blank = [](char c) { return c == ' ' || c == '\t'; };
     bool ok = !key.empty() && !blank(key.front()) && !blank(key.back()) &&
@@ -231,16 +266,7 @@ private:
   }
 
   std::string render_config() const {
-    const std::string& d = dir_.path();
-    std::string c;
-    c += "error_log " + d + "/error.log notice;\n";
-    c += "pid " + d + "/nginx.pid;\n";
-    c += "events { worker_connections 1024; }\n";
-    c += "http {\n";
-    c += "  access_log off;\n";
-    c += "  default_type text/plain;\n";
-    for (const char* t : {"client_body", "proxy", "fastcgi", "uwsgi", "scgi"})
-      c += std::string("  ") + t + "_temp_path " + d + "/" + t + ";\n";
+    std::string c = nginx_config_head(dir_.path());
     c += "  keepalive_requests 1000000;\n";
     c += "  upstream dynup_test {\n";
     if (!upstream_.method.empty()) c += "    " + upstream_.method + "\n";
@@ -270,14 +296,9 @@ private:
     process_ = std::make_unique<Process>(std::vector<std::string>{
         nginx_binary(), "-e", "stderr", "-p", dir_.path() + "/", "-c", conf, "-g", "daemon off; master_process off;"});
     if (wait_ready()) return {};
-    process_->stop(std::chrono::milliseconds(3000));
-    std::string out = process_->read_all(Process::Stream::err, std::chrono::milliseconds(500));
-    std::string log = error_log();
-    if (!log.empty()) out += (out.empty() ? "" : "\n") + log;
+    std::string why = failed_start_output(*process_, dir_.file("error.log"));
     process_.reset();
-    std::error_code ec;
-    std::filesystem::remove(dir_.file("error.log"), ec); // the next attempt starts a clean log
-    return out.empty() ? "not ready within the timeout" : out;
+    return why;
   }
 
   bool wait_ready() { return wait_nginx_ready(*process_, proxy_port_, token_, backend_ports_); }

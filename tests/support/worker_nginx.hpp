@@ -49,6 +49,57 @@ struct NginxReply {
   std::string error;           ///< why there is no response
 };
 
+/// A reply in one line, for failure messages.
+inline std::string describe(const NginxReply& r) {
+  if (r.status == 0) return "no response (" + r.error + ")";
+  return std::to_string(r.status) + " \"" + r.body + "\" from worker " + r.worker_pid + ", upstream status \"" +
+         r.upstream_status + "\"";
+}
+
+/// What a run of requests through the proxy came to (WorkerNginx::send).
+struct NginxTraffic {
+  std::map<std::string, int> by_backend; ///< answers (200s from a backend) by the backend's index
+  std::set<std::string> workers;         ///< the workers (X-Worker-Pid) that gave those answers
+  int retried = 0;                       ///< answers after a failed try: X-Upstream-Status "502, …"
+  std::vector<std::string> failures;     ///< every other outcome: "request <i>: <the reply>"
+};
+
+/// Backends by index, each with a weight: a peer document's content (weighted_peers_doc).
+using WeightedBackends = std::vector<std::pair<std::size_t, std::uint32_t>>;
+
+/// Peers as (id, weight): what a status document lists, or what a peer document names.
+using PeerWeights = std::set<std::pair<std::string, std::uint32_t>>;
+
+/// The peers of a status document: the Lua binding's status, or one upstream of
+/// dynup_status.
+inline PeerWeights peers_of(const nlohmann::json& status) {
+  PeerWeights out;
+  for (const nlohmann::json& p : status.at("peers"))
+    out.emplace(p.at("id").get<std::string>(), p.at("weight").get<std::uint32_t>());
+  return out;
+}
+
+/// The peer with id `id` in a status document's "peers", or nullptr.
+inline const nlohmann::json* peer_by_id(const nlohmann::json& status, const std::string& id) {
+  for (const nlohmann::json& p : status.at("peers"))
+    if (p.at("id") == id) return &p;
+  return nullptr;
+}
+
+/// The peers weighted_peers_doc(`backends`) names, as a status lists them.
+inline PeerWeights named_peers(const WeightedBackends& backends) {
+  PeerWeights out;
+  for (const auto& [i, weight] : backends) out.emplace("b" + std::to_string(i), weight);
+  return out;
+}
+
+/// "b0=1 b2=3", for failure messages.
+inline std::string describe(const PeerWeights& peers) {
+  std::string out;
+  for (const auto& [id, weight] : peers) out += (out.empty() ? "" : " ") + id + "=" + std::to_string(weight);
+  return out;
+}
+
 /// The parts of nginx.conf that differ between the balancers under test. Each string is
 /// whole lines, indented for its place.
 struct WorkerNginxLayout {
@@ -84,16 +135,7 @@ public:
       : what_(std::move(what)), shape_(std::move(shape)), configure_(std::move(configure)) {
     std::string missing = nginx_missing_reason(nginx_binary());
     if (!missing.empty()) throw std::runtime_error(missing);
-    std::string failures;
-    // A port taken between free_loopback_ports and nginx's bind() makes nginx exit with
-    // "Address already in use": pick new ports and start again.
-    for (int attempt = 1; attempt <= 5; ++attempt) {
-      std::string why = start();
-      if (why.empty()) return;
-      failures += "attempt " + std::to_string(attempt) + ": " + why + "\n";
-      if (why.find("Address already in use") == std::string::npos) break;
-    }
-    throw std::runtime_error(what_ + " did not start\n" + failures + "config:\n" + config_);
+    start_with_retries(what_, [this] { return start(); }, config_);
   }
 
   ~WorkerNginx() { stop(); }
@@ -122,7 +164,7 @@ public:
   }
 
   /// A peer document of backends by index (ids "b<i>") with their weights.
-  std::string weighted_peers_doc(const std::vector<std::pair<std::size_t, std::uint32_t>>& backends) const {
+  std::string weighted_peers_doc(const WeightedBackends& backends) const {
     nlohmann::json peers = nlohmann::json::array();
     for (const auto& [i, weight] : backends)
       peers.push_back(
@@ -152,6 +194,22 @@ public:
     r.upstream_status = res->get_header_value("X-Upstream-Status");
     if (!r.worker_pid.empty()) seen_.insert(static_cast<pid_t>(std::stol(r.worker_pid)));
     return r;
+  }
+
+  /// `n` GETs of "/", each as get() sends it, counted.
+  NginxTraffic send(int n) {
+    NginxTraffic t;
+    for (int i = 0; i < n; ++i) {
+      NginxReply r = get();
+      if (r.status != 200 || !is_backend_index(r.body)) {
+        t.failures.push_back("request " + std::to_string(i) + ": " + describe(r));
+        continue;
+      }
+      ++t.by_backend[r.body];
+      t.workers.insert(r.worker_pid);
+      if (r.upstream_status.rfind("502, ", 0) == 0) ++t.retried;
+    }
+    return t;
   }
 
   /// Each worker's /status document by its pid, asked on fresh connections until
@@ -193,6 +251,12 @@ public:
   }
 
 private:
+  bool is_backend_index(const std::string& body) const {
+    for (std::size_t i = 0; i < shape_.backends; ++i)
+      if (body == std::to_string(i)) return true;
+    return false;
+  }
+
   // A process's title (its argv, which nginx overwrites), or empty if it is gone.
   static std::string title_of(pid_t pid) {
     std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline");
@@ -230,21 +294,13 @@ private:
   }
 
   std::string render_config(const WorkerNginxLayout& layout) const {
-    const std::string& d = dir_.path();
     std::string c;
     for (const std::string& m : layout.load_modules) c += "load_module " + m + ";\n";
     // Workers of a root master run as nobody, which cannot read our 0700 directory (or
     // the build tree); the file source needs the peer file readable by the workers.
     if (::geteuid() == 0) c += "user root;\n";
     c += "worker_processes " + std::to_string(shape_.workers) + ";\n";
-    c += "error_log " + d + "/error.log notice;\n";
-    c += "pid " + d + "/nginx.pid;\n";
-    c += "events { worker_connections 1024; }\n";
-    c += "http {\n";
-    c += "  access_log off;\n";
-    c += "  default_type text/plain;\n";
-    for (const char* t : {"client_body", "proxy", "fastcgi", "uwsgi", "scgi"})
-      c += std::string("  ") + t + "_temp_path " + d + "/" + t + ";\n";
+    c += nginx_config_head(dir_.path());
     c += layout.http;
     c += "  upstream api {\n";
     c += layout.upstream;
@@ -297,14 +353,9 @@ private:
     if (wait_nginx_ready(*process_, proxy_port_, token_, backend_ports_) &&
         wait_until([&] { return worker_pids().size() == shape_.workers; }, std::chrono::milliseconds(15000)))
       return {};
-    process_->stop(std::chrono::milliseconds(3000));
-    std::string out = process_->read_all(Process::Stream::err, std::chrono::milliseconds(500));
-    std::string log = error_log();
-    if (!log.empty()) out += (out.empty() ? "" : "\n") + log;
+    std::string why = failed_start_output(*process_, dir_.file("error.log"));
     process_.reset();
-    std::error_code ec;
-    std::filesystem::remove(dir_.file("error.log"), ec); // the next attempt starts a clean log
-    return out.empty() ? "not ready within the timeout" : out;
+    return why;
   }
 
   TempDir dir_; // declared first: removed after the process is gone
