@@ -47,6 +47,24 @@ typedef struct {
     ngx_str_t                       value;  /* its JSON text: 3, true, "text" */
 } ngx_http_upstream_dynup_param_t;
 
+/* A peer's address as nginx wants it, parsed once: a pick whose host and port match
+ * copies it instead of parsing the host and printing the name again. */
+#define NGX_HTTP_DYNUP_ADDR_CACHE   256     /* entries, direct-mapped by id_hash */
+#define NGX_HTTP_DYNUP_HOST_MAX     64      /* longer hosts are parsed every time */
+#define NGX_HTTP_DYNUP_NAME_MAX     (sizeof("[]:65535") + 256)
+
+typedef struct {
+    uint64_t                        id_hash;
+    uint16_t                        port;
+    uint16_t                        host_len;   /* 0: an empty slot */
+    socklen_t                       socklen;
+    char                            host[NGX_HTTP_DYNUP_HOST_MAX];
+    ngx_sockaddr_t                  sockaddr;
+    size_t                          name_len;
+    u_char                          name[sizeof("[]:65535") + NGX_HTTP_DYNUP_HOST_MAX];
+} ngx_http_upstream_dynup_addr_t;
+
+
 typedef struct {
     ngx_str_t                       name;    /* the upstream's name */
     ngx_str_t                       json;    /* dynup's config, NUL-terminated */
@@ -55,6 +73,7 @@ typedef struct {
     ngx_uint_t                      line;
     ngx_uint_t                      balancer_set; /* init_upstream ran: no later method replaced it */
     dynup_upstream                 *handle;  /* this worker's; NULL in the master */
+    ngx_http_upstream_dynup_addr_t *addrs;   /* this worker's address cache, or NULL */
     u_char                         *start_error; /* why the handle could not be made */
     ngx_http_upstream_srv_conf_t   *upstream;
 } ngx_http_upstream_dynup_srv_conf_t;
@@ -73,8 +92,9 @@ typedef struct {
     ngx_uint_t                      tried_cap;
     ngx_uint_t                      live;    /* sel holds a pick not yet reported */
     ngx_sockaddr_t                  sockaddr;
+    socklen_t                       socklen;
     ngx_str_t                       name;
-    u_char                          name_buf[sizeof("[]:65535") + 256];
+    u_char                          name_buf[NGX_HTTP_DYNUP_NAME_MAX];
 } ngx_http_upstream_dynup_peer_data_t;
 
 
@@ -810,6 +830,9 @@ ngx_http_upstream_dynup_init_process(ngx_cycle_t *cycle)
 
     dcfp = dmcf->upstreams.elts;
     for (i = 0; i < dmcf->upstreams.nelts; i++) {
+        /* without it (out of memory) every pick parses its peer's address */
+        dcfp[i]->addrs = ngx_calloc(NGX_HTTP_DYNUP_ADDR_CACHE * sizeof(ngx_http_upstream_dynup_addr_t),
+                                    cycle->log);
         dcfp[i]->handle = dynup_upstream_new((char *) dcfp[i]->json.data, err, sizeof(err));
         if (dcfp[i]->handle == NULL) {
             /* The worker serves its other upstreams; this one answers 502. */
@@ -848,6 +871,8 @@ ngx_http_upstream_dynup_exit_process(ngx_cycle_t *cycle)
         dcfp[i]->handle = NULL;
         ngx_free(dcfp[i]->start_error);
         dcfp[i]->start_error = NULL;
+        ngx_free(dcfp[i]->addrs);
+        dcfp[i]->addrs = NULL;
     }
 }
 
@@ -892,14 +917,31 @@ ngx_http_upstream_init_dynup_peer(ngx_http_request_t *r, ngx_http_upstream_srv_c
 }
 
 
-/* Points pc at the selection's host and port. The host must be an IP address: nginx's
- * balancer cannot wait for a DNS lookup. */
+/* The selection's host and port as dp's sockaddr and name. The host must be an IP
+ * address: nginx's balancer cannot wait for a DNS lookup. */
 static ngx_int_t
 ngx_http_upstream_dynup_set_address(ngx_http_upstream_dynup_peer_data_t *dp)
 {
-    dynup_selection  *sel = &dp->sel;
-    in_addr_t         v4;
-    u_char           *p;
+    dynup_selection                 *sel = &dp->sel;
+    ngx_http_upstream_dynup_addr_t  *e;
+    in_addr_t                        v4;
+    u_char                          *p;
+
+    e = NULL;
+    if (dp->conf->addrs != NULL && sel->host_len < NGX_HTTP_DYNUP_HOST_MAX) {
+        e = &dp->conf->addrs[sel->id_hash % NGX_HTTP_DYNUP_ADDR_CACHE];
+        if (e->host_len == sel->host_len && e->id_hash == sel->id_hash && e->port == sel->port
+            && ngx_memcmp(e->host, sel->host, sel->host_len) == 0)
+        {
+            /* copies: the request keeps its own, whatever the cache holds later */
+            ngx_memcpy(&dp->sockaddr, &e->sockaddr, e->socklen);
+            dp->socklen = e->socklen;
+            ngx_memcpy(dp->name_buf, e->name, e->name_len);
+            dp->name.data = dp->name_buf;
+            dp->name.len = e->name_len;
+            return NGX_OK;
+        }
+    }
 
     v4 = ngx_inet_addr((u_char *) sel->host, sel->host_len);
 
@@ -908,6 +950,7 @@ ngx_http_upstream_dynup_set_address(ngx_http_upstream_dynup_peer_data_t *dp)
         dp->sockaddr.sockaddr_in.sin_family = AF_INET;
         dp->sockaddr.sockaddr_in.sin_addr.s_addr = v4;
         dp->sockaddr.sockaddr_in.sin_port = htons(sel->port);
+        dp->socklen = sizeof(struct sockaddr_in);
         p = ngx_cpymem(dp->name_buf, sel->host, sel->host_len);
 
 #if (NGX_HAVE_INET6)
@@ -920,6 +963,7 @@ ngx_http_upstream_dynup_set_address(ngx_http_upstream_dynup_peer_data_t *dp)
         dp->sockaddr.sockaddr_in6.sin6_family = AF_INET6;
         dp->sockaddr.sockaddr_in6.sin6_addr = a6;
         dp->sockaddr.sockaddr_in6.sin6_port = htons(sel->port);
+        dp->socklen = sizeof(struct sockaddr_in6);
         p = dp->name_buf;
         *p++ = '[';
         p = ngx_cpymem(p, sel->host, sel->host_len);
@@ -933,6 +977,17 @@ ngx_http_upstream_dynup_set_address(ngx_http_upstream_dynup_peer_data_t *dp)
     p = ngx_sprintf(p, ":%ui", (ngx_uint_t) sel->port);
     dp->name.data = dp->name_buf;
     dp->name.len = p - dp->name_buf;
+
+    if (e != NULL) {
+        e->id_hash = sel->id_hash;
+        e->port = sel->port;
+        e->host_len = sel->host_len;
+        ngx_memcpy(e->host, sel->host, sel->host_len);
+        ngx_memcpy(&e->sockaddr, &dp->sockaddr, dp->socklen);
+        e->socklen = dp->socklen;
+        ngx_memcpy(e->name, dp->name_buf, dp->name.len);
+        e->name_len = dp->name.len;
+    }
 
     return NGX_OK;
 }
@@ -1017,13 +1072,7 @@ ngx_http_upstream_get_dynup_peer(ngx_peer_connection_t *pc, void *data)
 
     dp->live = 1;
     pc->sockaddr = &dp->sockaddr.sockaddr;
-    pc->socklen = dp->sockaddr.sockaddr.sa_family == AF_INET
-                  ? sizeof(struct sockaddr_in) : sizeof(ngx_sockaddr_t);
-#if (NGX_HAVE_INET6)
-    if (dp->sockaddr.sockaddr.sa_family == AF_INET6) {
-        pc->socklen = sizeof(struct sockaddr_in6);
-    }
-#endif
+    pc->socklen = dp->socklen;
     pc->name = &dp->name;
 
     return NGX_OK;
