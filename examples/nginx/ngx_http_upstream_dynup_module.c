@@ -435,6 +435,28 @@ ngx_http_upstream_dynup_build_json(ngx_conf_t *cf, ngx_array_t *params, size_t *
 }
 
 
+/* The config JSON of params, checked by dynup as a worker will read it; NULL with the
+ * reason logged. */
+static u_char *
+ngx_http_upstream_dynup_checked_json(ngx_conf_t *cf, ngx_array_t *params, size_t *len)
+{
+    u_char  *json;
+    char     err[NGX_HTTP_DYNUP_ERR_LEN];
+
+    json = ngx_http_upstream_dynup_build_json(cf, params, len);
+    if (json == NULL) {
+        return NULL;
+    }
+
+    if (dynup_config_check((char *) json, err, sizeof(err)) != DYNUP_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "dynup: %s", err);
+        return NULL;
+    }
+
+    return json;
+}
+
+
 static ngx_int_t
 ngx_http_upstream_dynup_add_param(ngx_conf_t *cf, ngx_array_t *params, char *path,
     ngx_str_t *json_value)
@@ -506,7 +528,6 @@ ngx_http_upstream_dynup(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_uint_t                            i, j, has_policy_object, has_shared_name;
     u_char                               *eq, *json, *region_name;
     size_t                                json_len;
-    char                                  err[NGX_HTTP_DYNUP_ERR_LEN];
 
     if (dcf->json.data != NULL) {
         return "is duplicate";
@@ -648,13 +669,8 @@ ngx_http_upstream_dynup(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     /* Checked without the region's name first: its errors name what the user wrote. */
-    json = ngx_http_upstream_dynup_build_json(cf, &params, &json_len);
+    json = ngx_http_upstream_dynup_checked_json(cf, &params, &json_len);
     if (json == NULL) {
-        return NGX_CONF_ERROR;
-    }
-
-    if (dynup_config_check((char *) json, err, sizeof(err)) != DYNUP_OK) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "dynup: %s", err);
         return NGX_CONF_ERROR;
     }
 
@@ -672,13 +688,8 @@ ngx_http_upstream_dynup(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             return NGX_CONF_ERROR;
         }
 
-        json = ngx_http_upstream_dynup_build_json(cf, &params, &json_len);
+        json = ngx_http_upstream_dynup_checked_json(cf, &params, &json_len);
         if (json == NULL) {
-            return NGX_CONF_ERROR;
-        }
-
-        if (dynup_config_check((char *) json, err, sizeof(err)) != DYNUP_OK) {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "dynup: %s", err);
             return NGX_CONF_ERROR;
         }
     }
