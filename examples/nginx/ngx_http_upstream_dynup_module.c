@@ -75,7 +75,6 @@ typedef struct {
     dynup_upstream                 *handle;  /* this worker's; NULL in the master */
     ngx_http_upstream_dynup_addr_t *addrs;   /* this worker's address cache, or NULL */
     u_char                         *start_error; /* why the handle could not be made */
-    ngx_http_upstream_srv_conf_t   *upstream;
 } ngx_http_upstream_dynup_srv_conf_t;
 
 typedef struct {
@@ -243,7 +242,7 @@ ngx_http_upstream_dynup_json_string(ngx_conf_t *cf, ngx_str_t *s, ngx_str_t *out
 static ngx_int_t
 ngx_http_upstream_dynup_json_value(ngx_conf_t *cf, ngx_str_t *v, ngx_str_t *out)
 {
-    size_t      i, digits, dots;
+    size_t      i, first, digits, dots;
     ngx_str_t   b;
 
     if (v->len > 0 && (v->data[0] == '[' || v->data[0] == '{')) {
@@ -267,9 +266,10 @@ ngx_http_upstream_dynup_json_value(ngx_conf_t *cf, ngx_str_t *v, ngx_str_t *out)
         return NGX_OK;
     }
 
+    first = (v->len > 0 && v->data[0] == '-') ? 1 : 0; /* the first digit */
     digits = 0;
     dots = 0;
-    for (i = (v->len > 0 && v->data[0] == '-') ? 1 : 0; i < v->len; i++) {
+    for (i = first; i < v->len; i++) {
         if (v->data[i] >= '0' && v->data[i] <= '9') {
             digits++;
 
@@ -281,7 +281,8 @@ ngx_http_upstream_dynup_json_value(ngx_conf_t *cf, ngx_str_t *v, ngx_str_t *out)
         }
     }
 
-    if (digits > 0 && i == v->len && !(v->data[v->data[0] == '-'] == '0' && digits > 1 && dots == 0)) {
+    /* all of it a number, and not an integer with a leading zero ("007" is a string) */
+    if (digits > 0 && i == v->len && !(v->data[first] == '0' && digits > 1 && dots == 0)) {
         *out = *v;
         return NGX_OK;
     }
@@ -697,7 +698,6 @@ ngx_http_upstream_dynup(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     dcf->json.data = json;
     dcf->json.len = json_len;
     dcf->name = uscf->host;
-    dcf->upstream = uscf;
     dcf->file = cf->conf_file->file.name.data;
     dcf->line = cf->conf_file->line;
 

@@ -151,6 +151,18 @@ std::string error_json(std::string_view message) {
   return nlohmann::json{{"error", message}}.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
+// Parses a config document into `doc`; false with "upstream: invalid JSON: …" in err.
+// Throws only what allocation throws.
+bool parse_config(const char* json_config, nlohmann::json& doc, char* err, std::size_t err_len) {
+  try {
+    doc = nlohmann::json::parse(json_config);
+    return true;
+  } catch (const nlohmann::json::exception& e) {
+    write_err(err, err_len, "upstream: invalid JSON: " + std::string(without_json_prefix(e.what())));
+    return false;
+  }
+}
+
 constexpr char failed_json[] = R"json({"error":"dynup_status: the status could not be built (out of memory?)"})json";
 
 } // namespace
@@ -185,12 +197,7 @@ DYNUP_C_API dynup_upstream* dynup_upstream_new(const char* json_config, char* er
   try {
     watch_forks();
     nlohmann::json doc;
-    try {
-      doc = nlohmann::json::parse(json_config);
-    } catch (const nlohmann::json::exception& e) {
-      write_err(err, err_len, "upstream: invalid JSON: " + std::string(without_json_prefix(e.what())));
-      return nullptr;
-    }
+    if (!parse_config(json_config, doc, err, err_len)) return nullptr;
     auto h = std::make_unique<dynup_upstream>();
     h->fork_generation = forks.load(std::memory_order_relaxed);
     h->pid = ::getpid();
@@ -214,11 +221,7 @@ DYNUP_C_API int dynup_config_check(const char* json_config, char* err, size_t er
   if (json_config == nullptr) return fail(err, err_len, DYNUP_E_ARGUMENT, "dynup_config_check: the config is NULL");
   try {
     nlohmann::json doc;
-    try {
-      doc = nlohmann::json::parse(json_config);
-    } catch (const nlohmann::json::exception& e) {
-      return fail(err, err_len, DYNUP_E_ARGUMENT, "upstream: invalid JSON: " + std::string(without_json_prefix(e.what())));
-    }
+    if (!parse_config(json_config, doc, err, err_len)) return DYNUP_E_ARGUMENT;
     auto parsed = dynup::parse_upstream_config(doc);
     if (!parsed) return fail(err, err_len, DYNUP_E_ARGUMENT, parsed.error().message());
     return DYNUP_OK;
