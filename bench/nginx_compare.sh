@@ -53,6 +53,10 @@
 # NGINX_MODULES (nginx -V's --modules-path), DYNUP_LUA_DIR (the directory holding
 # resty/dynup.lua: examples/lua/lib), KEEP_DIR=1 keeps the work directory (configs,
 # logs, wrk outputs).
+# PIN=1 (2+ CPUs, WORKERS=1): the proxy's worker on CPU 0 (worker_cpu_affinity), the
+# backends and wrk on CPU 1 (worker_cpu_affinity, taskset), so that the proxy's CPU is
+# its own and the modes are compared on the CPU they use rather than through the noise
+# of three programs sharing two CPUs.
 # INSTRUCTIONS=1 (needs valgrind) adds a pass that counts, under callgrind, the
 # user-space instructions one request costs a single-process proxy in each mode but
 # reload (IDURATION=5 seconds of wrk -t1 -c4): a figure the machine's load does not move.
@@ -105,6 +109,12 @@ for mode in $MODES; do
 done
 [[ "$PEERS" =~ ^[1-9][0-9]*$ ]] || die "PEERS must be a positive integer"
 [[ "$WORKERS" =~ ^[1-9][0-9]*$ ]] || die "WORKERS must be a positive integer"
+PIN=${PIN:-0}
+if [ "$PIN" = 1 ]; then
+  [ "$WORKERS" = 1 ] || die "PIN=1 needs WORKERS=1 (one CPU for the proxy, one for wrk and the backends)"
+  [ "$(nproc)" -ge 2 ] || die "PIN=1 needs 2 CPUs"
+  command -v taskset >/dev/null || die "PIN=1 needs taskset (util-linux)"
+fi
 [[ "$RELOAD_EVERY" =~ ^[0-9]*\.?[0-9]+$ ]] && awk -v r="$RELOAD_EVERY" 'BEGIN { exit !(r >= 0.1) }' ||
   die "RELOAD_EVERY must be a number of seconds, at least 0.1"
 [ -x "$NGINX" ] || die "nginx not found (\$NGINX=$NGINX): scripts/install-deps.sh installs it"
@@ -176,7 +186,11 @@ reloader_pid=""
 run_wrk() {
   local out=$1
   shift
-  "$WRK" "$@" >"$out" 2>&1 &
+  if [ "$PIN" = 1 ]; then
+    taskset -c 1 "$WRK" "$@" >"$out" 2>&1 &
+  else
+    "$WRK" "$@" >"$out" 2>&1 &
+  fi
   wrk_pid=$!
   local rc=0
   wait "$wrk_pid" || rc=$?
@@ -281,6 +295,7 @@ for _ in 1 2 3 4 5; do
   {
     echo "$user_line"
     echo "worker_processes $BACKEND_WORKERS;"
+    [ "$PIN" = 1 ] && echo "worker_cpu_affinity $(for ((w = 0; w < BACKEND_WORKERS; w++)); do printf '10 '; done);"
     echo "pid $bdir/nginx.pid;"
     echo "error_log $bdir/error.log warn;"
     echo "events { worker_connections 4096; }"
@@ -329,6 +344,7 @@ proxy_config() {
   [ -n "$module" ] && echo "load_module $module;"
   echo "$user_line"
   echo "worker_processes $proxy_workers;"
+  [ "$PIN" = 1 ] && echo "worker_cpu_affinity 01;"
   echo "pid $dir/nginx.pid;"
   echo "error_log $dir/error.log warn;"
   echo "events { worker_connections 4096; }"
