@@ -211,6 +211,31 @@ public:
   }
   void report(UpstreamSelection&& s, const Outcome& outcome) noexcept { report(s, outcome); }
 
+  /// Replaces the set of a push:// upstream (an admin API's `PUT …/peers`): the guards
+  /// apply, an accepted set is served from the next pick (the routing table is rebuilt
+  /// before this returns) and saved to snapshot_path when one is configured. Errors:
+  /// Errc::unsupported when the source is not push:// (its watcher would overwrite the
+  /// push), Errc::rejected when a guard refuses it; either way nothing changes. Any
+  /// thread but a callback's.
+  Result<PushResult> push(PeerSet set) {
+    Result<PushResult> r = Error(Errc::unsupported, "");
+    {
+      std::lock_guard<std::mutex> lock(roles_mu_);
+      PushWatcher* pusher = watcher_.pusher();
+      if (!pusher)
+        return Error(Errc::unsupported, "upstream " + config_.name + ": its source is " +
+                                            detail::redact_spec_text(config_.source) +
+                                            ", which would overwrite a pushed set; only push:// upstreams take pushes");
+      r = pusher->push(std::move(set));
+    }
+    if (r && r->changed) rebuild();
+    if (!r) return r.error().with_context("upstream " + config_.name);
+    return r;
+  }
+
+  /// Outlier ejections since start (every ejection, not the peers ejected now).
+  std::uint64_t ejections_total() const noexcept { return tracker_.ejections_total(); }
+
   /// Rebuilds the routing table now, on the calling thread, from the current set and
   /// health. For embedders that drive a ManualClock (tests); the rebuild thread does
   /// this by itself otherwise. Not from a callback.
@@ -254,6 +279,7 @@ public:
     j["panic"] = table->report.panic;
     if (table->report.panic) j["panic_reason"] = table->report.panic_reason;
     j["healthy_percent"] = table->report.healthy_percent;
+    j["ejections_total"] = tracker_.ejections_total();
     j["tables_built"] = table->number;
     {
       std::lock_guard<std::mutex> build_lock(build_mu_);

@@ -237,6 +237,10 @@ inline Result<UpstreamConfig> parse_upstream_config(const nlohmann::json& doc) {
     shared.millis("poll_ms", 1, 60000, c.shared.poll);
     shared.millis("first_wait_ms", 0, 600000, c.shared.first_wait);
     if (error) return *error;
+    // A push reaches the one process it is sent to; followers would never see it.
+    if (c.source == "push://")
+      return Error(Errc::invalid_argument, top.at("shared") + ": a push:// source cannot be shared: pushes reach "
+                                                              "only the process they are sent to");
   }
   return c;
 }

@@ -250,6 +250,8 @@ public:
 
   /// Ids currently tracked.
   std::size_t size() const noexcept { return by_id_.size(); }
+  /// Outlier ejections since construction. Any thread; one relaxed load.
+  std::uint64_t ejections_total() const noexcept { return ejections_total_.load(std::memory_order_relaxed); }
   /// Peers ejected now. Any thread; takes the ejection lock.
   std::size_t ejected() const {
     const time_point now = clock_.now();
@@ -503,6 +505,7 @@ private:
     h.times_ejected_ = times;
     h.ejection_length_ = length;
     h.ejected_ = true;
+    ejections_total_.fetch_add(1, std::memory_order_relaxed);
     h.ejected_until_ = now + h.ejection_length_;
     h.eject_cause_ = cause;
     h.eject_run_ = run;
@@ -673,6 +676,7 @@ private:
   std::array<std::uint64_t, 10> fail_status_bits_{}; ///< statuses 0..639
   std::atomic<std::size_t> set_size_{0};
   mutable std::mutex eject_mu_;
+  std::atomic<std::uint64_t> ejections_total_{0};
   std::vector<time_point> ejection_ends_; ///< end of each ejection in force (or ended, not yet purged)
   std::unordered_map<std::string, Entry> by_id_;
   std::uint64_t round_ = 0;

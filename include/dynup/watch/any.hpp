@@ -4,6 +4,7 @@
 //   file:///etc/dynup/api.json                 → FileWatcher
 //   consul://127.0.0.1:8500/health/api?tag=v2  → BlockingWatcher<ConsulSource>
 //   etcd://127.0.0.1:2379/upstreams/api/       → EtcdWatcher
+//   push://                                    → PushWatcher (sets come from push())
 #pragma once
 
 #include <dynup/publisher.hpp>
@@ -15,6 +16,7 @@
 #include <dynup/watch/core.hpp>
 #include <dynup/watch/etcd_watcher.hpp>
 #include <dynup/watch/file_watcher.hpp>
+#include <dynup/watch/push_watcher.hpp>
 #include <dynup/watch/status.hpp>
 #include <dynup/watch/transport.hpp>
 #include <dynup/watch/watcher.hpp>
@@ -24,6 +26,7 @@
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <type_traits>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -53,6 +56,7 @@ public:
   virtual ~WatcherHandle() = default;
   virtual WatcherStatus status() const = 0;
   virtual void stop() noexcept = 0;
+  virtual PushWatcher* pusher() noexcept { return nullptr; }
 };
 
 template <class W> class OwnedWatcher final : public WatcherHandle {
@@ -60,13 +64,17 @@ public:
   explicit OwnedWatcher(std::unique_ptr<W> w) : w_(std::move(w)) {}
   WatcherStatus status() const override { return w_->status(); }
   void stop() noexcept override { w_->stop(); }
+  PushWatcher* pusher() noexcept override {
+    if constexpr (std::is_same_v<W, PushWatcher>) return w_.get();
+    return nullptr;
+  }
 
 private:
   std::unique_ptr<W> w_; // its destructor stops it
 };
 
 /// A spec checked against the options, ready to start.
-using PreparedSource = std::variant<FileWatchOptions, ConsulSource, EtcdSource>;
+using PreparedSource = std::variant<FileWatchOptions, ConsulSource, EtcdSource, PushOptions>;
 
 inline std::string join_names(const std::vector<const char*>& names) {
   std::string out;
@@ -77,7 +85,7 @@ inline std::string join_names(const std::vector<const char*>& names) {
 // Parses `spec` with its scheme's own parser (so errors are the source's, and a Consul
 // token is never quoted) and checks that every set option applies to that scheme.
 inline Result<PreparedSource> prepare_source(std::string_view spec, const AnyWatchOptions& o) {
-  static constexpr const char* supported = "file://, consul://, etcd://";
+  static constexpr const char* supported = "file://, consul://, etcd://, push://";
   auto colon = spec.find(':');
   std::string_view scheme = colon == std::string_view::npos ? std::string_view() : spec.substr(0, colon);
 
@@ -130,6 +138,29 @@ inline Result<PreparedSource> prepare_source(std::string_view spec, const AnyWat
     fw.settle = o.settle;
     fw.guards = o.guards;
     return PreparedSource(std::in_place_type<FileWatchOptions>, std::move(fw));
+  }
+
+  if (scheme == "push") {
+    if (spec != "push://")
+      return Error(Errc::invalid_argument, "source \"" + redact_spec_text(spec) +
+                                               "\": a push source is exactly \"push://\" (its sets come from push())");
+    const AnyWatchOptions defaults;
+    std::vector<const char*> unusable;
+    if (o.strong_dependency) unusable.push_back("strong_dependency");
+    if (o.wait != defaults.wait) unusable.push_back("wait");
+    if (o.backoff_base != defaults.backoff_base) unusable.push_back("backoff_base");
+    if (o.backoff_cap != defaults.backoff_cap) unusable.push_back("backoff_cap");
+    if (o.min_interval != defaults.min_interval) unusable.push_back("min_interval");
+    if (o.burst != defaults.burst) unusable.push_back("burst");
+    if (o.poll_interval != defaults.poll_interval) unusable.push_back("poll_interval");
+    if (o.settle != defaults.settle) unusable.push_back("settle");
+    if (!unusable.empty())
+      return Error(Errc::invalid_argument, "source \"push://\": nothing is fetched, so " + join_names(unusable) +
+                                               " do not apply; leave them at their defaults");
+    PushOptions po;
+    po.guards = o.guards;
+    po.snapshot_path = o.snapshot_path;
+    return PreparedSource(std::in_place_type<PushOptions>, std::move(po));
   }
 
   // An unknown scheme may still be a mistyped consul:// spec carrying a token.
@@ -198,6 +229,10 @@ public:
   /// The watcher's state now (source, index, errors, staleness); see WatcherStatus.
   WatcherStatus status() const { return impl_ ? impl_->status() : WatcherStatus{}; }
 
+  /// The push watcher this handle holds (a push:// source), else nullptr. Valid while
+  /// this Watcher is neither moved nor destroyed.
+  PushWatcher* pusher() noexcept { return impl_ ? impl_->pusher() : nullptr; }
+
   /// Stops watching and joins the watcher's thread, aborting a blocking query or watch
   /// stream in flight: returns within milliseconds, or within the transport's connect
   /// timeout while a connection attempt is under way. The published set stays and
@@ -216,6 +251,12 @@ private:
     } catch (const std::system_error& e) {
       return Error(Errc::io_error, "file://" + path + ": cannot start the file watcher: " + e.what());
     }
+  }
+
+  static Result<Watcher> launch(Publisher& publisher, PushOptions po, const AnyWatchOptions&,
+                                PublishCallback& on_publish, ErrorCallback& on_error) {
+    return Watcher(std::make_unique<PushWatcher>(publisher, std::move(po), std::move(on_publish),
+                                                 std::move(on_error)));
   }
 
   static Result<Watcher> launch(Publisher& publisher, ConsulSource source, const AnyWatchOptions& options,
