@@ -1,0 +1,516 @@
+// dynup-proxy: an HTTP/1.1 reverse proxy on cpp-httplib that takes its peers from dynup
+// upstreams. The reference for embedding dynup in a proxy of one's own: pick, forward,
+// report, retry with the tried peers excluded, and status, pushes and metrics over an
+// admin listener.
+//
+// Threads: cpp-httplib serves each client connection on a thread of its pool, and a
+// request is forwarded on that thread (blocking I/O). Everything shared between request
+// threads is an Upstream (lock-free picks), relaxed counters, and the per-peer pools of
+// idle upstream connections (one mutex per peer, held only to take or return one).
+#pragma once
+
+#include "proxy_config.hpp"
+
+#include <dynup/peer_json.hpp>
+#include <dynup/upstream.hpp>
+
+#include <httplib.h>
+#include <nlohmann/json.hpp>
+
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace dynup_proxy {
+
+namespace detail {
+
+inline std::string lower(std::string_view s) {
+  std::string out(s);
+  for (char& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return out;
+}
+
+// Hop-by-hop headers (RFC 9110 7.6.1) and the ones cpp-httplib adds to a request it
+// received or computes itself for one it sends: never forwarded in either direction.
+inline bool hop_by_hop(const std::string& lname) {
+  static const char* const names[] = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
+                                      "transfer-encoding", "upgrade", "proxy-authorization", "proxy-authenticate",
+                                      "content-length", "remote_addr", "remote_port", "local_addr", "local_port"};
+  for (const char* n : names)
+    if (lname == n) return true;
+  return false;
+}
+
+// The header names a Connection header lists: hop-by-hop too.
+inline std::vector<std::string> connection_tokens(const httplib::Headers& h) {
+  std::vector<std::string> out;
+  auto range = h.equal_range("Connection");
+  for (auto it = range.first; it != range.second; ++it) {
+    std::string v = lower(it->second);
+    std::size_t start = 0;
+    while (start <= v.size()) {
+      std::size_t comma = v.find(',', start);
+      std::string t = v.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+      t.erase(0, t.find_first_not_of(" \t"));
+      t.erase(t.find_last_not_of(" \t") + 1);
+      if (!t.empty()) out.push_back(t);
+      if (comma == std::string::npos) break;
+      start = comma + 1;
+    }
+  }
+  return out;
+}
+
+inline httplib::Headers end_to_end(const httplib::Headers& in) {
+  const std::vector<std::string> listed = connection_tokens(in);
+  httplib::Headers out;
+  for (const auto& [name, value] : in) {
+    std::string l = lower(name);
+    if (hop_by_hop(l) || std::find(listed.begin(), listed.end(), l) != listed.end()) continue;
+    out.emplace(name, value);
+  }
+  return out;
+}
+
+// A Prometheus label value: backslash, double quote and newline escaped.
+inline std::string label(std::string_view v) {
+  std::string out;
+  for (char c : v) {
+    if (c == '\\' || c == '"') out += '\\';
+    if (c == '\n') {
+      out += "\\n";
+      continue;
+    }
+    out += c;
+  }
+  return out;
+}
+
+// Compares without an early exit, so the time taken says nothing about the token.
+inline bool same_secret(std::string_view a, std::string_view b) {
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  for (std::size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i % (b.empty() ? 1 : b.size())]);
+  return diff == 0;
+}
+
+} // namespace detail
+
+/// Idle keep-alive connections to one peer. A request takes one (or makes one) and
+/// gives it back when the exchange ended cleanly; at most `capacity` wait idle.
+class PeerPool {
+public:
+  PeerPool(std::string host, int port, const Limits& limits) : host_(std::move(host)), port_(port), limits_(limits) {}
+
+  /// An idle connection (`reused` true), else a new client (false).
+  std::unique_ptr<httplib::Client> take(bool& reused) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      reused = !idle_.empty();
+      if (reused) {
+        auto c = std::move(idle_.back());
+        idle_.pop_back();
+        return c;
+      }
+    }
+    auto c = std::make_unique<httplib::Client>(host_, port_);
+    using std::chrono::duration_cast;
+    using std::chrono::microseconds;
+    const auto conn = duration_cast<microseconds>(limits_.connect_timeout).count();
+    const auto read = duration_cast<microseconds>(limits_.read_timeout).count();
+    c->set_connection_timeout(static_cast<time_t>(conn / 1000000), static_cast<time_t>(conn % 1000000));
+    c->set_read_timeout(static_cast<time_t>(read / 1000000), static_cast<time_t>(read % 1000000));
+    c->set_write_timeout(static_cast<time_t>(read / 1000000), static_cast<time_t>(read % 1000000));
+    c->set_keep_alive(true);
+    c->set_tcp_nodelay(true); // small requests go out at once, not after a delayed ACK
+    c->set_follow_location(false);
+    c->set_decompress(false); // bodies are relayed as they are, Content-Encoding included
+    return c;
+  }
+
+  void give_back(std::unique_ptr<httplib::Client> c) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (idle_.size() < limits_.pool_size) idle_.push_back(std::move(c));
+  }
+
+  std::size_t idle() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return idle_.size();
+  }
+
+private:
+  const std::string host_;
+  const int port_;
+  const Limits& limits_;
+  mutable std::mutex mu_;
+  std::vector<std::unique_ptr<httplib::Client>> idle_;
+};
+
+/// Counters of one upstream; relaxed atomics, summed when /metrics is read.
+struct UpstreamCounters {
+  std::atomic<std::uint64_t> picks{0};
+  std::atomic<std::uint64_t> no_peer{0};          ///< a request found no peer to try (503)
+  std::atomic<std::uint64_t> connect_failures{0};
+  std::atomic<std::uint64_t> response_failures{0}; ///< sent, but no (complete) reply (502)
+  std::atomic<std::uint64_t> too_large{0};         ///< a reply over max_response_body_bytes (502)
+  std::atomic<std::uint64_t> retries{0};
+  std::array<std::atomic<std::uint64_t>, 6> responses{}; ///< relayed, by class: [1]=1xx … [5]=5xx, [0]=other
+  std::atomic<std::uint64_t> pushes_accepted{0};
+  std::atomic<std::uint64_t> pushes_refused{0};
+};
+
+/// One upstream as the proxy holds it: the dynup Upstream, its pools, its counters.
+struct ProxyUpstream {
+  std::unique_ptr<dynup::Upstream> up;
+  UpstreamCounters counters;
+  std::shared_mutex pools_mu; // guards the map; a pool itself has its own mutex
+  std::unordered_map<std::string, std::unique_ptr<PeerPool>> pools; ///< "host|port"
+  mutable std::mutex failures_mu;
+  std::map<std::string, std::uint64_t> failures_by_peer; ///< peer id → failed requests (connect or reply)
+};
+
+class Proxy {
+public:
+  using Log = std::function<void(const std::string&)>;
+
+  /// Starts every upstream (each returns once its first set is read); errors name the
+  /// upstream. Listeners start with run().
+  static Result<std::unique_ptr<Proxy>> create(ProxyConfig config, Log log) {
+    std::unique_ptr<Proxy> p(new Proxy(std::move(config), std::move(log)));
+    for (auto& uc : p->config_.upstreams) {
+      const std::string name = uc.name;
+      Log l = p->log_;
+      auto up = dynup::Upstream::start(uc, dynup::steady_clock(),
+                                       [l, name](const dynup::Error& e) { l("upstream " + name + ": " + e.message()); });
+      if (!up) return up.error();
+      auto pu = std::make_unique<ProxyUpstream>();
+      pu->up = std::move(up).value();
+      p->upstreams_.emplace(name, std::move(pu));
+    }
+    return p;
+  }
+
+  ~Proxy() { stop_upstreams(); }
+
+  /// Binds both listeners (port 0 picks a free one: see port()/admin_port()). Call once.
+  Result<void> bind() {
+    configure_proxy_server();
+    configure_admin_server();
+    auto bind_one = [](httplib::Server& s, const Listen& l, int& port, int& fd) -> Result<void> {
+      s.set_socket_options([&fd](int sock) {
+        fd = sock;
+        int one = 1;
+        ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+      });
+      port = l.port == 0 ? s.bind_to_any_port(l.host) : (s.bind_to_port(l.host, l.port) ? l.port : -1);
+      if (port < 0) return Error(dynup::Errc::io_error, "cannot listen on " + l.text());
+      ::listen(fd, 1024); // cpp-httplib's own backlog is 5: a burst of connections would wait for SYN retries
+      return {};
+    };
+    if (auto ok = bind_one(server_, config_.listen, port_, listen_fd_); !ok) return ok;
+    if (config_.admin.enabled) {
+      if (auto ok = bind_one(admin_, config_.admin.listen, admin_port_, admin_fd_); !ok)
+        return ok.error().with_context("admin");
+    }
+    return {};
+  }
+
+  /// Serves until stop(): the admin listener on a thread of its own, the proxy on the
+  /// calling thread. Returns once both have stopped and every request in flight ended.
+  void run() {
+    std::thread admin;
+    if (config_.admin.enabled) admin = std::thread([this] { admin_.listen_after_bind(); });
+    server_.listen_after_bind();
+    if (admin.joinable()) admin.join();
+  }
+
+  /// Drains: the proxy listener closes at once, requests in flight finish (cpp-httplib
+  /// ends each kept-alive connection after its current request), then the admin listener
+  /// closes. Any thread; returns at once.
+  void stop() {
+    draining_ = true;
+    server_.stop();
+    std::thread([this] {
+      // The admin API answers /healthz (503 while draining) until the proxy is done.
+      const auto until = std::chrono::steady_clock::now() + config_.limits.drain_timeout;
+      while (in_flight_.load() > 0 && std::chrono::steady_clock::now() < until)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      admin_.stop();
+    }).detach();
+  }
+
+  void stop_upstreams() {
+    for (auto& [name, pu] : upstreams_) pu->up->stop();
+  }
+
+  int port() const noexcept { return port_; }
+  int admin_port() const noexcept { return admin_port_; }
+  std::uint64_t in_flight() const noexcept { return in_flight_.load(); }
+
+  /// Prometheus text format (version 0.0.4).
+  std::string metrics() const;
+
+private:
+  Proxy(ProxyConfig config, Log log) : config_(std::move(config)), log_(std::move(log)) {
+    // Most specific first: a route with a host before one without, then longer prefixes.
+    std::stable_sort(config_.routes.begin(), config_.routes.end(), [](const Route& a, const Route& b) {
+      if (a.host.empty() != b.host.empty()) return !a.host.empty();
+      return a.prefix.size() > b.prefix.size();
+    });
+  }
+
+  const Route* route(const httplib::Request& req) const {
+    std::string host = detail::lower(req.get_header_value("Host"));
+    if (!host.empty() && host.front() == '[') {
+      host = host.substr(1, host.find(']') == std::string::npos ? std::string::npos : host.find(']') - 1);
+    } else if (auto colon = host.rfind(':'); colon != std::string::npos) {
+      host.resize(colon);
+    }
+    for (const Route& r : config_.routes)
+      if ((r.host.empty() || r.host == host) && req.path.compare(0, r.prefix.size(), r.prefix) == 0) return &r;
+    return nullptr;
+  }
+
+  PeerPool& pool(ProxyUpstream& pu, const dynup::Peer& peer) {
+    const std::string key = peer.host + "|" + std::to_string(peer.port);
+    {
+      std::shared_lock<std::shared_mutex> lock(pu.pools_mu);
+      auto it = pu.pools.find(key);
+      if (it != pu.pools.end()) return *it->second;
+    }
+    std::unique_lock<std::shared_mutex> lock(pu.pools_mu);
+    auto& slot = pu.pools[key];
+    if (!slot) slot = std::make_unique<PeerPool>(peer.host, peer.port, config_.limits);
+    return *slot;
+  }
+
+  static void count_failure(ProxyUpstream& pu, const std::string& id) {
+    std::lock_guard<std::mutex> lock(pu.failures_mu);
+    ++pu.failures_by_peer[id];
+  }
+
+  static void text(httplib::Response& res, int status, const std::string& body) {
+    res.status = status;
+    res.set_content(body + "\n", "text/plain; charset=utf-8");
+  }
+
+  // One client request: route, then pick → forward → report, retrying a failed connect
+  // on peers not tried yet (at most limits.retries more).
+  void forward(const httplib::Request& req, httplib::Response& res) {
+    struct InFlight {
+      std::atomic<std::uint64_t>& n;
+      explicit InFlight(std::atomic<std::uint64_t>& c) : n(c) { n.fetch_add(1); }
+      ~InFlight() { n.fetch_sub(1); }
+    } in_flight(in_flight_);
+    const auto started = std::chrono::steady_clock::now();
+    const Route* r = route(req);
+    if (r == nullptr) {
+      no_route_.fetch_add(1, std::memory_order_relaxed);
+      text(res, 404, "dynup-proxy: no route for host \"" + req.get_header_value("Host") + "\" and path " + req.path);
+      return;
+    }
+    ProxyUpstream& pu = *upstreams_.at(r->upstream);
+    UpstreamCounters& n = pu.counters;
+
+    httplib::Request out;
+    out.method = req.method;
+    out.path = req.target.empty() ? req.path : req.target;
+    out.headers = detail::end_to_end(req.headers);
+    // A Range request goes to the peer as it is, and the peer's 206 (or 200) comes back
+    // as it is. cpp-httplib would cut the relayed body to the range a second time, and it
+    // does so from req.ranges, which it parsed and owns (the Request is not const there).
+    const_cast<httplib::Request&>(req).ranges.clear();
+    std::string xff = req.get_header_value("X-Forwarded-For");
+    out.headers.erase("X-Forwarded-For");
+    out.headers.emplace("X-Forwarded-For", xff.empty() ? req.remote_addr : xff + ", " + req.remote_addr);
+    if (!req.has_header("X-Forwarded-Proto")) out.headers.emplace("X-Forwarded-Proto", "http");
+    out.body = req.body;
+    // A reply larger than the limit is not relayed: the receiver stops reading it.
+    std::size_t received = 0;
+    bool too_large = false;
+    std::string body;
+    out.content_receiver = [&](const char* data, std::size_t len, std::uint64_t, std::uint64_t) {
+      received += len;
+      if (received > config_.limits.max_response_body_bytes) {
+        too_large = true;
+        return false;
+      }
+      body.append(data, len);
+      return true;
+    };
+
+    dynup::TriedPeers tried;
+    std::string last_failure;
+    bool stale_retried = false;
+    for (unsigned attempt = 0; attempt <= config_.limits.retries; ++attempt) {
+      dynup::UpstreamSelection sel = pu.up->pick({{}, &tried});
+      if (!sel) {
+        n.no_peer.fetch_add(1, std::memory_order_relaxed);
+        std::string why = dynup::to_string(sel.pick.error);
+        if (!last_failure.empty()) {
+          text(res, 502, "dynup-proxy: upstream " + r->upstream + ": " + last_failure + "; no other peer to try (" + why + ")");
+        } else {
+          res.set_header("Retry-After", "1");
+          text(res, 503, "dynup-proxy: upstream " + r->upstream + ": " + why);
+        }
+        log_request(req, r->upstream, "-", res.status, started);
+        return;
+      }
+      n.picks.fetch_add(1, std::memory_order_relaxed);
+      if (attempt > 0) n.retries.fetch_add(1, std::memory_order_relaxed);
+      const dynup::Peer& peer = *sel.peer;
+      const std::string peer_id = peer.id;
+      PeerPool& pp = pool(pu, peer);
+      bool reused = false;
+      std::unique_ptr<httplib::Client> client = pp.take(reused);
+      received = 0;
+      too_large = false;
+      body.clear();
+      httplib::Response reply;
+      httplib::Error err = httplib::Error::Success;
+      const auto sent = std::chrono::steady_clock::now();
+      const bool ok = client->send(out, reply, err);
+      const auto latency = std::chrono::steady_clock::now() - sent;
+
+      if (ok && !too_large) {
+        pu.up->report(sel, {latency, reply.status, false});
+        pp.give_back(std::move(client));
+        const int cls = reply.status / 100;
+        n.responses[cls >= 1 && cls <= 5 ? static_cast<std::size_t>(cls) : 0].fetch_add(1, std::memory_order_relaxed);
+        res.status = reply.status;
+        for (const auto& [name, value] : detail::end_to_end(reply.headers)) res.headers.emplace(name, value);
+        relay_body(res, std::move(body), reply.get_header_value("Content-Type"));
+        if (req.method == "HEAD" && reply.has_header("Content-Length"))
+          res.set_header("Content-Length", reply.get_header_value("Content-Length")); // what a GET would get
+        log_request(req, r->upstream, peer_id, res.status, started);
+        return;
+      }
+      if (too_large) {
+        count_failure(pu, peer_id);
+        pu.up->report(sel, {latency, 502, false}); // the peer answered; relaying it is what failed
+        n.too_large.fetch_add(1, std::memory_order_relaxed);
+        text(res, 502, "dynup-proxy: upstream " + r->upstream + ": peer " + peer_id + " replied with more than " +
+                           std::to_string(config_.limits.max_response_body_bytes) + " bytes (limits.max_response_body_bytes)");
+        log_request(req, r->upstream, peer_id, res.status, started);
+        return;
+      }
+      const bool no_connection = err == httplib::Error::Connection || err == httplib::Error::ConnectionTimeout ||
+                                 err == httplib::Error::BindIPAddress;
+      if (no_connection) {
+        count_failure(pu, peer_id);
+        // Nothing was sent: safe to try another peer whatever the method.
+        pu.up->report(sel, {latency, 0, true});
+        n.connect_failures.fetch_add(1, std::memory_order_relaxed);
+        last_failure = "connect to " + peer_id + " failed (" + httplib::to_string(err) + ")";
+        tried.add(sel.pick.id_hash);
+        continue;
+      }
+      if (reused && received == 0 && !stale_retried &&
+          (err == httplib::Error::Read || err == httplib::Error::Write)) {
+        // A kept-alive connection the peer had closed while it sat idle: not the peer's
+        // fault and nothing reached it. Once per request, the same pick again on a new
+        // connection, not counted (nginx does the same with its cached connections).
+        sel.cancel();
+        stale_retried = true;
+        --attempt;
+        continue;
+      }
+      // Sent, and the reply did not come whole: the peer may have acted on it, so it is
+      // not repeated elsewhere.
+      count_failure(pu, peer_id);
+      pu.up->report(sel, {latency, 0, false});
+      n.response_failures.fetch_add(1, std::memory_order_relaxed);
+      text(res, 502, "dynup-proxy: upstream " + r->upstream + ": peer " + peer_id + ": no complete reply (" +
+                         httplib::to_string(err) + ")");
+      log_request(req, r->upstream, peer_id, res.status, started);
+      return;
+    }
+    text(res, 502, "dynup-proxy: upstream " + r->upstream + ": " + last_failure + "; gave up after " +
+                       std::to_string(config_.limits.retries + 1) + " attempts (limits.retries)");
+    log_request(req, r->upstream, "-", res.status, started);
+  }
+
+  // The peer's body, as it came. Through a content provider rather than res.body: cpp-httplib
+  // compresses a plain body for a client that accepts it, which would encode an encoded
+  // body a second time; it relays a provider's bytes untouched.
+  static void relay_body(httplib::Response& res, std::string body, const std::string& type) {
+    res.headers.erase("Content-Type");
+    if (body.empty()) {
+      if (!type.empty()) res.set_header("Content-Type", type);
+      return;
+    }
+    auto shared = std::make_shared<const std::string>(std::move(body));
+    res.set_content_provider(
+        shared->size(), type,
+        [shared](std::size_t offset, std::size_t length, httplib::DataSink& sink) {
+          return sink.write(shared->data() + offset, length);
+        });
+    if (type.empty()) res.headers.erase("Content-Type");
+  }
+
+  void log_request(const httplib::Request& req, const std::string& upstream, const std::string& peer, int status,
+                   std::chrono::steady_clock::time_point started) const {
+    if (!config_.access_log) return;
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
+    char line[64];
+    std::snprintf(line, sizeof line, " %d %.3fms", status, ms);
+    log_(req.remote_addr + " \"" + req.method + " " + req.path + "\" " + upstream + " " + peer + line);
+  }
+
+  void configure_proxy_server() {
+    const unsigned threads = config_.threads;
+    server_.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+    server_.set_payload_max_length(config_.limits.max_request_body_bytes);
+    server_.set_tcp_nodelay(true);
+    server_.set_keep_alive_max_count(100000);
+    server_.set_keep_alive_timeout(60);
+    server_.set_read_timeout(60, 0);
+    server_.set_write_timeout(60, 0);
+    auto handler = [this](const httplib::Request& req, httplib::Response& res) { forward(req, res); };
+    server_.Get(".*", handler); // GET and HEAD
+    server_.Post(".*", handler);
+    server_.Put(".*", handler);
+    server_.Patch(".*", handler);
+    server_.Delete(".*", handler);
+    server_.Options(".*", handler);
+    const std::size_t limit = config_.limits.max_request_body_bytes;
+    server_.set_error_handler([limit](const httplib::Request&, httplib::Response& res) {
+      if (res.status == 413)
+        text(res, 413, "dynup-proxy: request body larger than " + std::to_string(limit) +
+                           " bytes (limits.max_request_body_bytes); bodies are buffered, not streamed");
+      else if (res.body.empty())
+        text(res, res.status, "dynup-proxy: status " + std::to_string(res.status));
+    });
+  }
+
+  void configure_admin_server();
+
+  ProxyConfig config_;
+  Log log_;
+  std::map<std::string, std::unique_ptr<ProxyUpstream>> upstreams_;
+  httplib::Server server_;
+  httplib::Server admin_;
+  int port_ = -1, admin_port_ = -1, listen_fd_ = -1, admin_fd_ = -1;
+  std::atomic<std::uint64_t> in_flight_{0};
+  std::atomic<std::uint64_t> no_route_{0};
+  std::atomic<bool> draining_{false};
+};
+
+} // namespace dynup_proxy
+
+#include "admin.hpp"
