@@ -1,109 +1,164 @@
 #!/usr/bin/env bash
-# The demo: dynup-watch on a file source (the embedded default) while this script
-# changes the file live: an edit in place, an atomic rename over it, a broken file
-# (the last good set is kept), the fix, and a delete-then-recreate. Each published
-# version appears as one JSON line; errors appear on stderr. The script checks that
-# every change it made was published and exits non-zero otherwise.
+# The demo: three local backends behind dynup-proxy, whose upstream is a peer file (the
+# embedded default source). The script sends traffic and draws who answered, then edits
+# the file — a backend leaves, a weight changes, a broken edit, the backend returns — and
+# traffic follows each edit with no restart. Then it keeps sending traffic every two
+# seconds until Ctrl-C, so you can edit the file yourself.
+#
+#   scripts/demo.sh              the demo, until Ctrl-C
+#   scripts/demo.sh --bounded    the scripted part only, then exit (0: every step went
+#                                as shown; for scripts and CI)
+#
+# Loopback only; every process it starts is stopped by its PID on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
+bounded=0
+for a in "$@"; do
+  case $a in
+    --bounded) bounded=1 ;;
+    -h | --help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "demo: unknown argument $a (try --help)" >&2; exit 2 ;;
+  esac
+done
+
 scripts/install-deps.sh
 
-build="$root/build/demo"
-echo "==> building dynup-watch in $build"
-cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DDYNUP_BUILD_TESTS=OFF -DDYNUP_BUILD_BENCH=OFF >/dev/null
-cmake --build "$build" -j "$(nproc)" --target dynup-watch >/dev/null
+build=${DYNUP_DEMO_BUILD:-$root/build/demo}
+if [ -z "${DYNUP_DEMO_BUILD:-}" ]; then
+  echo "==> building dynup-proxy and dynup-demo in $build (the first time takes a few minutes)"
+  cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DDYNUP_BUILD_TESTS=OFF -DDYNUP_BUILD_BENCH=OFF >/dev/null
+  cmake --build "$build" -j "$(nproc)" --target dynup-proxy dynup-demo >/dev/null
+fi
+proxy_bin=$build/examples/proxy/dynup-proxy
+demo_bin=$build/examples/proxy/dynup-demo
 
 work=$(mktemp -d /tmp/dynup-demo.XXXXXX)
-peers="$work/peers.json"
-out="$work/stdout.jsonl"
-err="$work/stderr.log"
-watch_pid=""
+peers=$work/peers.json
+pids=()
 cleanup() {
-  if [ -n "$watch_pid" ] && kill -0 "$watch_pid" 2>/dev/null; then
-    kill -TERM "$watch_pid" 2>/dev/null || true
-    wait "$watch_pid" 2>/dev/null || true
-  fi
+  local p
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'echo; echo "==> stopping"; exit 0' INT TERM
 
-cat >"$peers" <<'JSON'
-{"peers": [
-  {"id": "api-1", "host": "127.0.0.1", "port": 9001, "weight": 5, "zone": "a"},
-  {"id": "api-2", "host": "127.0.0.1", "port": 9002, "weight": 1, "zone": "b"}
-]}
-JSON
+bold=""
+plain=""
+if [ -t 1 ]; then bold=$'\e[1m'; plain=$'\e[0m'; fi
+step() { printf '\n%s==> %s%s\n' "$bold" "$*" "$plain"; }
+fail() { echo "demo: $*" >&2; exit 1; }
 
-# Shows each new stdout/stderr line of dynup-watch, waiting until `want` versions exist.
-shown_out=0
-shown_err=0
-show_until() {
-  local want=$1 deadline=$((SECONDS + 10))
-  while :; do
-    local have
-    have=$(wc -l <"$out")
-    if [ "$have" -ge "$want" ] || [ $SECONDS -ge $deadline ]; then break; fi
-    sleep 0.05
+# A loopback port nothing listens on now.
+free_port() {
+  local p
+  for _ in $(seq 1 200); do
+    p=$((20000 + RANDOM % 40000))
+    if ! ss -Htln "sport = :$p" 2>/dev/null | grep -q .; then echo "$p"; return 0; fi
   done
-  sleep 0.1 # let a stderr line that belongs to this step arrive
-  tail -n +$((shown_out + 1)) "$out" | sed 's/^/   stdout: /'
-  tail -n +$((shown_err + 1)) "$err" | sed 's/^/   stderr: /'
-  shown_out=$(wc -l <"$out")
-  shown_err=$(wc -l <"$err")
-  if [ "$shown_out" -lt "$want" ]; then
-    echo "demo: expected $want published versions, saw $shown_out" >&2
-    exit 1
-  fi
+  fail "no free port"
 }
-step() { printf '\n==> %s\n' "$*"; }
 
-step "start: dynup-watch file://$peers"
-"$build/examples/watch/dynup-watch" "file://$peers" >"$out" 2>"$err" &
-watch_pid=$!
-show_until 1
+ports=()
+for i in 1 2 3; do
+  port=$(free_port)
+  "$demo_bin" backend --port "$port" --name "backend-$i" &
+  pids+=($!)
+  ports+=("$port")
+done
+proxy_port=$(free_port)
+admin_port=$(free_port)
 
-step "edit in place: api-2 goes to weight 3 and a third peer joins"
-cat >"$peers" <<'JSON'
-{"peers": [
-  {"id": "api-1", "host": "127.0.0.1", "port": 9001, "weight": 5, "zone": "a"},
-  {"id": "api-2", "host": "127.0.0.1", "port": 9002, "weight": 3, "zone": "b"},
-  {"id": "api-3", "host": "::1", "port": 9003, "zone": "b", "tags": ["canary"]}
-]}
+# Writes the peer file the way a deploy tool should: a temporary file renamed over it.
+write_peers() {
+  printf '%s\n' "$1" >"$peers.tmp"
+  mv "$peers.tmp" "$peers"
+}
+peer() { printf '{"id": "backend-%s", "host": "127.0.0.1", "port": %s, "weight": %s}' "$1" "${ports[$(($1 - 1))]}" "$2"; }
+
+write_peers "{\"peers\": [$(peer 1 1), $(peer 2 1), $(peer 3 1)]}"
+cat >"$work/proxy.json" <<JSON
+{
+  "listen": "127.0.0.1:$proxy_port",
+  "admin": {"listen": "127.0.0.1:$admin_port"},
+  "upstreams": [{"name": "demo", "source": "file://$peers", "policy": "round_robin"}]
+}
 JSON
-show_until 2
 
-step "atomic replace (write a temp file, rename over): api-1 leaves"
-cat >"$work/peers.json.new" <<'JSON'
-{"peers": [
-  {"id": "api-2", "host": "127.0.0.1", "port": 9002, "weight": 3, "zone": "b"},
-  {"id": "api-3", "host": "::1", "port": 9003, "zone": "b", "tags": ["canary"]}
-]}
-JSON
-mv "$work/peers.json.new" "$peers"
-show_until 3
+step "three backends on ports ${ports[*]}; dynup-proxy on $proxy_port with a file source"
+echo "   peer file: $peers"
+"$proxy_bin" --config "$work/proxy.json" 2>"$work/proxy.log" &
+pids+=($!)
+for _ in $(seq 1 100); do
+  curl -fs "http://127.0.0.1:$admin_port/healthz" >/dev/null 2>&1 && break
+  sleep 0.05
+done
+curl -fs "http://127.0.0.1:$admin_port/healthz" >/dev/null || fail "dynup-proxy did not start: $(cat "$work/proxy.log")"
+proxy_pid=${pids[-1]}
 
-step "a broken edit: a misspelt key and port 0 (the last good set stays published)"
-cat >"$peers" <<'JSON'
-{"peers": [{"id": "api-2", "host": "127.0.0.1", "port": 0, "wieght": 3}]}
-JSON
-show_until 3
+version() { curl -fs "http://127.0.0.1:$admin_port/upstreams/demo" | sed -n 's/^  "version": \([0-9]*\),$/\1/p'; }
+# Waits until the upstream serves a version above $1 (the file watcher reads a change
+# within milliseconds); prints how long it took.
+wait_version_above() {
+  local start=$(($(date +%s%N) / 1000000)) v
+  for _ in $(seq 1 200); do
+    v=$(version)
+    if [ -n "$v" ] && [ "$v" -gt "$1" ]; then
+      echo "   dynup-proxy serves version $v, $(($(date +%s%N) / 1000000 - start)) ms after the edit (same process, PID $proxy_pid)"
+      return 0
+    fi
+    sleep 0.01
+  done
+  fail "the edit was not served within 2 s"
+}
+traffic() { "$demo_bin" hit "http://127.0.0.1:$proxy_port/" "$@"; }
 
-step "the fix"
-cat >"$peers" <<'JSON'
-{"peers": ["127.0.0.1:9002", "127.0.0.1:9004"]}
-JSON
-show_until 4
+step "300 requests, weights 1:1:1"
+traffic 300 --only backend-1,backend-2,backend-3
 
-step "delete, then recreate"
-rm "$peers"
+step "edit: backend-3 leaves the file"
+v=$(version)
+write_peers "{\"peers\": [$(peer 1 1), $(peer 2 1)]}"
+wait_version_above "$v"
+traffic 300 --only backend-1,backend-2
+
+step "edit: backend-1 weight 3"
+v=$(version)
+write_peers "{\"peers\": [$(peer 1 3), $(peer 2 1)]}"
+wait_version_above "$v"
+traffic 300 --only backend-1,backend-2
+
+step "a broken edit (port 0, a misspelt key): the last good set keeps serving"
+v=$(version)
+printf '{"peers": [{"id": "backend-1", "host": "127.0.0.1", "port": 0, "wieght": 3}]}\n' >"$peers"
 sleep 0.3
-show_until 4
-echo '{"peers": ["127.0.0.1:9005"]}' >"$peers"
-show_until 5
+[ "$(version)" = "$v" ] || fail "a broken file changed the version"
+grep -o 'upstream demo: .*' "$work/proxy.log" | tail -1 | sed 's/^/   proxy log: /'
+traffic 300 --only backend-1,backend-2
 
-kill -TERM "$watch_pid"
-wait "$watch_pid"
-watch_pid=""
-printf '\n==> done: 5 versions published, 2 bad states reported and survived; dynup-watch exited cleanly\n'
+step "edit: backend-3 comes back with weight 2"
+write_peers "{\"peers\": [$(peer 1 1), $(peer 2 1), $(peer 3 2)]}"
+wait_version_above "$v"
+traffic 300 --only backend-1,backend-2,backend-3
+
+step "what the admin API says (GET /upstreams/demo, GET /metrics)"
+curl -fs "http://127.0.0.1:$admin_port/upstreams/demo" |
+  sed -n 's/^      "\(id\|effective_weight\|reason\)": \(.*\)$/\1=\2/p' | paste -d' ' - - - | sed 's/,$//; s/^/   /'
+curl -fs "http://127.0.0.1:$admin_port/metrics" | grep -E '^dynup_(picks_total|upstream_version|responses_total.*2xx)' | sed 's/^/   /'
+
+if [ "$bounded" = 1 ]; then
+  kill -TERM "$proxy_pid"
+  wait "$proxy_pid" || fail "dynup-proxy did not exit cleanly on SIGTERM"
+  step "done: every edit was served without a restart, and dynup-proxy drained and exited on SIGTERM"
+  exit 0
+fi
+
+step "your turn: edit $peers (weights, ports ${ports[*]}); Ctrl-C to stop"
+while :; do
+  sleep 2
+  printf '\n   %s, version %s\n' "$(date +%T)" "$(version)"
+  traffic 100 || true
+done

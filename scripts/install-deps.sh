@@ -13,6 +13,7 @@ packages=(
   libnginx-mod-http-lua lua-resty-core  # OpenResty's lua module for nginx 1.22: the Lua binding's e2e test
   luajit2                               # OpenResty's LuaJIT (not `luajit`, which conflicts): the Lua tests
   wrk                                   # HTTP load generator for the load tests
+  curl                                  # the demo and bench scripts talk to admin and status endpoints
   lua-cjson                             # the article's approach in bench/lua_compare.sh decodes with cjson
   valgrind                              # the nginx module's leak check (e2e) and the instruction counts in bench/
 )
