@@ -82,8 +82,10 @@ inline Result<int> open_private_file(const std::string& path) {
 /// two LeaderLocks on the same path contend even inside one process. Fork: open the lock
 /// in each process after fork (each nginx worker in its init hook). A LeaderLock inherited
 /// across fork shares its lock with the parent: both copies report held(), and release()
-/// in either one releases it for both. The lock file is never removed; removing it while
-/// processes run would let two of them lead (each locking a different inode).
+/// in either one releases it for both. LeaderLock never removes the lock file: removing it
+/// while processes run would let two of them lead (each locking a different inode). A
+/// shared upstream removes it with its region when its last process closes both
+/// (SharedRegionOptions::companions), when no process can hold it.
 ///
 /// Thread-safety: one object is driven by one thread at a time; distinct objects are
 /// independent. Move-only; the destructor closes the file, which releases the lock.

@@ -56,6 +56,7 @@
 #include <cstring>
 #include <new>
 #include <string>
+#include <vector>
 #include <thread>
 #include <utility>
 
@@ -157,6 +158,19 @@ inline Result<void> check_region_header(const unsigned char* head, std::size_t g
   return {};
 }
 
+/// Takes (without waiting) a lock of `type` (F_RDLCK, F_WRLCK) on byte 0 of `fd`'s open
+/// file description: Linux's OFD locks, which neither flock(2) nor another description
+/// of the same file shares. false with errno set when another description holds a
+/// conflicting lock (EAGAIN) or the call fails.
+inline bool ofd_lock(int fd, short type) {
+  struct flock fl {};
+  fl.l_type = type;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = 0;
+  fl.l_len = 1;
+  return ::fcntl(fd, F_OFD_SETLK, &fl) == 0;
+}
+
 /// Unlocks and closes a file descriptor on scope exit. The explicit LOCK_UN matters: a
 /// mapping keeps the open file description alive, and with it any flock taken through it.
 struct LockedFd {
@@ -179,6 +193,10 @@ struct SharedRegionOptions {
   /// Payload bytes per buffer (the file holds two plus a 4 KiB header); 1 KiB..1 GiB.
   /// Every process must use the same value; a set whose JSON is larger is refused.
   std::size_t capacity = std::size_t{1} << 20;
+  /// Remove the file when its last user closes it, and with it `companions` (paths of
+  /// files that belong to the region, such as its leader lock): see SharedRegion.
+  bool remove_when_unused = false;
+  std::vector<std::string> companions;
 };
 
 /// A set read from a region.
@@ -196,9 +214,18 @@ struct SharedSnapshot {
 /// version counts writes; it lives in the file, so it keeps increasing across writers,
 /// leader changes and reopenings (until the file is removed).
 ///
-/// Lifetime: move-only; the destructor unmaps (the file stays for other processes). A
-/// mapping inherited across fork stays shared and usable in the child. A moved-from
-/// region may only be destroyed or assigned to. Removing the file while processes use it
+/// Lifetime: move-only; the destructor unmaps. The file stays for other processes; with
+/// `remove_when_unused`, the last user to close it removes it (and its companions), so
+/// regions do not pile up in /dev/shm. Every user holds a shared lock on the file for as
+/// long as it has it open (a read lock on its first byte, OFD-style); a closing user that
+/// can turn that into a write lock without waiting is the last, and removes the file
+/// while holding the flock that serializes opens and closes. An open that
+/// raced with such a removal finds its file unlinked and starts again, so it never ends
+/// up on a removed file. Only the process that opened a region removes it: a copy
+/// inherited across fork shares the opener's lock and closes without removing (and the
+/// opener should not close it while the child still uses it). A mapping inherited across
+/// fork stays shared and usable in the child. A moved-from region may only be destroyed
+/// or assigned to. Removing the file while processes use it
 /// splits them (old ones keep the old mapping); change the capacity only by restarting
 /// every process with the new one after removing the file.
 class SharedRegion {
@@ -221,6 +248,45 @@ public:
                                                " bytes is out of range " + std::to_string(L::min_capacity) +
                                                ".." + std::to_string(L::max_capacity));
     std::string path = options.dir + "/" + options.name + ".dynup";
+    // A last user removing the file between our open and our lock leaves us an unlinked
+    // inode: open again (a removal needs every other user gone, so this ends quickly).
+    for (int attempt = 0;; ++attempt) {
+      bool raced = false;
+      auto r = open_once(options, path, raced);
+      if (r || !raced || attempt == 100) return r;
+    }
+  }
+
+  SharedRegion(SharedRegion&& other) noexcept
+      : base_(std::exchange(other.base_, nullptr)), bytes_(std::exchange(other.bytes_, 0)),
+        capacity_(other.capacity_), version_(std::exchange(other.version_, nullptr)),
+        name_(std::move(other.name_)), path_(std::move(other.path_)), fd_(std::exchange(other.fd_, -1)),
+        opener_(other.opener_), remove_when_unused_(other.remove_when_unused_),
+        companions_(std::move(other.companions_)) {}
+  SharedRegion& operator=(SharedRegion&& other) noexcept {
+    if (this != &other) {
+      unmap();
+      base_ = std::exchange(other.base_, nullptr);
+      bytes_ = std::exchange(other.bytes_, 0);
+      capacity_ = other.capacity_;
+      version_ = std::exchange(other.version_, nullptr);
+      name_ = std::move(other.name_);
+      path_ = std::move(other.path_);
+      fd_ = std::exchange(other.fd_, -1);
+      opener_ = other.opener_;
+      remove_when_unused_ = other.remove_when_unused_;
+      companions_ = std::move(other.companions_);
+    }
+    return *this;
+  }
+  SharedRegion(const SharedRegion&) = delete;
+  SharedRegion& operator=(const SharedRegion&) = delete;
+  ~SharedRegion() { unmap(); }
+
+private:
+  // One open; `raced` when the file was unlinked under us (open() tries again).
+  static Result<SharedRegion> open_once(const SharedRegionOptions& options, const std::string& path, bool& raced) {
+    namespace L = detail::region_layout;
     const std::size_t bytes = L::file_bytes(options.capacity);
     auto opened = detail::open_private_file(path);
     if (!opened) return opened.error();
@@ -229,6 +295,10 @@ public:
       if (errno != EINTR) return detail::errno_error("cannot lock", path, errno);
     struct stat st {};
     if (::fstat(fd.fd, &st) != 0) return detail::errno_error("cannot stat", path, errno);
+    if (st.st_nlink == 0) {
+      raced = true;
+      return Error(Errc::io_error, path + " was removed while being opened, 100 times in a row");
+    }
     const auto size = static_cast<std::uint64_t>(st.st_size);
     bool init = size == 0;
     if (!init) {
@@ -258,28 +328,21 @@ public:
     if (p == MAP_FAILED) return detail::errno_error("cannot map", path, errno);
     auto* base = static_cast<unsigned char*>(p);
     if (init) initialize(base, options.capacity);
-    return SharedRegion(base, bytes, options.capacity, options.name, std::move(path));
+    SharedRegion region(base, bytes, options.capacity, options.name, path);
+    if (!options.remove_when_unused) return region; // fd's destructor unlocks and closes
+    // Stay a user: a read lock on byte 0 (an open-file-description lock, independent of
+    // the flock that serializes opens and closes), held until close. No closer holds the
+    // write lock now: it takes that only under the flock, which we hold.
+    if (!detail::ofd_lock(fd.fd, F_RDLCK)) return detail::errno_error("cannot lock", path, errno);
+    ::flock(fd.fd, LOCK_UN);
+    region.fd_ = std::exchange(fd.fd, -1);
+    region.opener_ = ::getpid();
+    region.remove_when_unused_ = true;
+    region.companions_ = options.companions;
+    return region;
   }
 
-  SharedRegion(SharedRegion&& other) noexcept
-      : base_(std::exchange(other.base_, nullptr)), bytes_(std::exchange(other.bytes_, 0)),
-        capacity_(other.capacity_), version_(std::exchange(other.version_, nullptr)),
-        name_(std::move(other.name_)), path_(std::move(other.path_)) {}
-  SharedRegion& operator=(SharedRegion&& other) noexcept {
-    if (this != &other) {
-      unmap();
-      base_ = std::exchange(other.base_, nullptr);
-      bytes_ = std::exchange(other.bytes_, 0);
-      capacity_ = other.capacity_;
-      version_ = std::exchange(other.version_, nullptr);
-      name_ = std::move(other.name_);
-      path_ = std::move(other.path_);
-    }
-    return *this;
-  }
-  SharedRegion(const SharedRegion&) = delete;
-  SharedRegion& operator=(const SharedRegion&) = delete;
-  ~SharedRegion() { unmap(); }
+public:
 
   /// The region version: 0 before the first write, then the number of writes so far. One
   /// acquire load, meant for every pick: compare with the version of the set a worker
@@ -412,6 +475,25 @@ private:
     if (base_) ::munmap(base_, bytes_);
     base_ = nullptr;
     version_ = nullptr;
+    if (fd_ < 0) return;
+    // Under the flock (no open in progress), the last user is the one whose read lock
+    // becomes a write lock without waiting; it removes the file if the path still names
+    // it. Only the opener: a forked copy shares the opener's description, and with it
+    // the lock, so it can neither tell whether it is last nor unlock (close drops only
+    // its reference).
+    if (remove_when_unused_ && opener_ == ::getpid()) {
+      int rc;
+      do rc = ::flock(fd_, LOCK_EX);
+      while (rc != 0 && errno == EINTR);
+      struct stat mine {}, named {};
+      if (rc == 0 && detail::ofd_lock(fd_, F_WRLCK) && ::fstat(fd_, &mine) == 0 &&
+          ::stat(path_.c_str(), &named) == 0 && mine.st_dev == named.st_dev && mine.st_ino == named.st_ino) {
+        for (const std::string& c : companions_) ::unlink(c.c_str());
+        ::unlink(path_.c_str());
+      }
+    }
+    ::close(fd_);
+    fd_ = -1;
   }
 
   unsigned char* base_ = nullptr;
@@ -420,6 +502,10 @@ private:
   std::atomic<std::uint64_t>* version_ = nullptr;
   std::string name_;
   std::string path_;
+  int fd_ = -1;        ///< with remove_when_unused: the file, under our shared flock
+  pid_t opener_ = 0;   ///< the process that opened it (only it may remove the file)
+  bool remove_when_unused_ = false;
+  std::vector<std::string> companions_;
 };
 
 DYNUP_NAMESPACE_END

@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -717,4 +718,104 @@ TEST_CASE("leader lock: a child process must open its own lock; an inherited one
   auto other = LeaderLock::open(dir.path(), "api");
   REQUIRE(other);
   CHECK_FALSE(other->try_acquire()); // the child's exit did not take the lock with it
+}
+
+namespace {
+SharedRegionOptions removable(const TempDir& dir) {
+  SharedRegionOptions o = options(dir, 4096);
+  o.remove_when_unused = true;
+  o.companions = {dir.file("api.lock"), dir.file("api.leader")};
+  return o;
+}
+bool exists(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0;
+}
+} // namespace
+
+TEST_CASE("shared region: with remove_when_unused the last user removes the file and its companions") {
+  TempDir dir;
+  const std::string path = dir.file("api.dynup");
+  std::optional<SharedRegion> first(open_region(removable(dir)));
+  dynup_test::write_in_place(dir.file("api.leader"), "1\n");
+  auto lock = LeaderLock::open(dir.path(), "api");
+  REQUIRE(lock);
+  {
+    SharedRegion second = open_region(removable(dir));
+    REQUIRE(second.write(make_set({peer("10.0.0.1", 80)}, 7)));
+    CHECK(first->read()->source_index == 7); // one file, both see it
+  }
+  CHECK(exists(path)); // `first` still uses it
+  lock = LeaderLock::open(dir.path(), "other"); // closes the api lock, as a SharedMember does before its region
+  first.reset();
+  CHECK_FALSE(exists(path));
+  CHECK_FALSE(exists(dir.file("api.lock")));
+  CHECK_FALSE(exists(dir.file("api.leader")));
+
+  SUBCASE("without the option the file stays, as before") {
+    { SharedRegion plain = open_region(options(dir, 4096)); }
+    CHECK(exists(path));
+  }
+}
+
+TEST_CASE("shared region: an inherited copy closed in a child does not remove the parent's file") {
+  TempDir dir;
+  const std::string path = dir.file("api.dynup");
+  std::optional<SharedRegion> parent(open_region(removable(dir)));
+  REQUIRE(parent->write(make_set({peer("10.0.0.1", 80)}, 3)));
+  Child child([&] {
+    std::optional<SharedRegion> inherited(std::move(parent));
+    inherited.reset(); // destroyed in the child: not the opener, so it only closes
+    return exists(path) ? 0 : 1;
+  });
+  CHECK(child.exit_code(milliseconds(10000)) == 0);
+  CHECK(exists(path));
+  // The child's close did not drop the parent's shared lock: another user still cannot
+  // think itself the last one.
+  { SharedRegion other = open_region(removable(dir)); }
+  CHECK(exists(path));
+  CHECK(parent->read()->source_index == 3);
+  parent.reset();
+  CHECK_FALSE(exists(path));
+}
+
+TEST_CASE("shared region: an open racing with the last user's close never lands on a removed file") {
+  // Each round both threads hold the region; then both close at once and reopen, so one
+  // of them is often the last user removing the file while the other opens. After the
+  // reopen, a set written by one must be read by the other: they share one file.
+  TempDir dir;
+  std::atomic<int> arrived{0};
+  auto barrier = [&](int round) {
+    arrived.fetch_add(1);
+    while (arrived.load() < 2 * round) std::this_thread::yield();
+  };
+  std::atomic<int> mismatches{0}, errors{0};
+  constexpr int rounds = 300;
+  auto body = [&](bool writer) {
+    std::optional<SharedRegion> r;
+    int b = 0;
+    for (int i = 1; i <= rounds; ++i) {
+      auto opened = SharedRegion::open(removable(dir));
+      if (!opened) {
+        ++errors;
+        return;
+      }
+      r.emplace(std::move(opened).value());
+      barrier(++b);
+      if (writer && !r->write(make_set({peer("10.0.0.1", 80)}, static_cast<std::uint64_t>(i)))) ++errors;
+      barrier(++b);
+      if (!writer) {
+        auto got = r->read();
+        if (!got || got->source_index != static_cast<std::uint64_t>(i)) ++mismatches;
+      }
+      barrier(++b);
+      r.reset(); // both close together; the next open races with the last close
+    }
+  };
+  std::thread a(body, true), c(body, false);
+  a.join();
+  c.join();
+  CHECK(errors == 0);
+  CHECK(mismatches == 0);
+  CHECK_FALSE(exists(dir.file("api.dynup")));
 }

@@ -56,7 +56,16 @@ public:
 
   /// Opens the region and the lock file. Errors name the "shared" field at fault.
   static Result<std::unique_ptr<SharedMember>> open(const SharedConfig& config, Hooks hooks) {
-    auto region = SharedRegion::open({config.dir, config.name, config.capacity});
+    // The last process to close the region removes it with the lock and leader files:
+    // each process opens the lock after the region and closes it before, so no process
+    // holds the lock file while the region's last user removes it.
+    SharedRegionOptions ro;
+    ro.dir = config.dir;
+    ro.name = config.name;
+    ro.capacity = config.capacity;
+    ro.remove_when_unused = true;
+    ro.companions = {config.dir + "/" + config.name + ".lock", config.dir + "/" + config.name + ".leader"};
+    auto region = SharedRegion::open(ro);
     if (!region) return region.error().with_context("upstream.shared");
     auto lock = LeaderLock::open(config.dir, config.name);
     if (!lock) return lock.error().with_context("upstream.shared");
