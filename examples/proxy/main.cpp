@@ -122,17 +122,24 @@ int main(int argc, char** argv) {
   log_line(std::string("signal ") + (sig == SIGTERM ? "SIGTERM" : "SIGINT") + ": draining " +
            std::to_string((*proxy)->in_flight()) + " request(s) in flight");
   (*proxy)->stop();
+  // Drained: nothing in flight and nothing new for 100 ms. Idle kept-alive client
+  // connections are not waited for (nginx closes those too): the process ends.
   const auto deadline = std::chrono::steady_clock::now() + drain_timeout;
-  while (!served && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  if (!served) {
+  bool drained = false;
+  while (!(drained = (*proxy)->drained(std::chrono::milliseconds(100))) && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  (*proxy)->stop_admin();
+  (*proxy)->stop_upstreams();
+  if (!drained) {
     log_line("drain timed out (limits.drain_timeout_ms) with " + std::to_string((*proxy)->in_flight()) +
              " request(s) in flight; exiting without them");
     std::fflush(stderr);
     std::_Exit(1);
   }
-  server.join();
-  (*proxy)->stop_upstreams();
+  if (served) server.join();
+  else server.detach(); // blocked on idle kept-alive connections; the exit closes them
   log_line("stopped");
-  return 0;
+  std::fflush(stdout);
+  std::fflush(stderr);
+  std::_Exit(0); // no destructors: the server's threads may still be parked on idle connections
 }

@@ -239,20 +239,31 @@ public:
     if (admin.joinable()) admin.join();
   }
 
-  /// Drains: the proxy listener closes at once, requests in flight finish (cpp-httplib
-  /// ends each kept-alive connection after its current request), then the admin listener
-  /// closes. Any thread; returns at once.
+  /// Starts draining: the proxy listener closes at once; requests in flight go on, and
+  /// each kept-alive connection ends after its current request. Any thread; returns at
+  /// once. Then wait for drained(), and end the process: cpp-httplib's server thread
+  /// returns only once every idle kept-alive client connection has timed out.
   void stop() {
     draining_ = true;
     server_.stop();
-    std::thread([this] {
-      // The admin API answers /healthz (503 while draining) until the proxy is done.
-      const auto until = std::chrono::steady_clock::now() + config_.limits.drain_timeout;
-      while (in_flight_.load() > 0 && std::chrono::steady_clock::now() < until)
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      admin_.stop();
-    }).detach();
   }
+
+  /// Draining and quiet: no request in flight, and none started for `quiet` (a request
+  /// that had reached an idle kept-alive connection as the listener closed still gets
+  /// served). Call it from one thread, repeatedly.
+  bool drained(std::chrono::milliseconds quiet) {
+    const auto now = std::chrono::steady_clock::now();
+    const std::uint64_t started = started_.load();
+    if (in_flight_.load() > 0 || started != quiet_started_) {
+      quiet_started_ = started;
+      quiet_since_ = now;
+      return false;
+    }
+    return now - quiet_since_ >= quiet;
+  }
+
+  /// Closes the admin listener (after the drain: /healthz says 503 meanwhile).
+  void stop_admin() { admin_.stop(); }
 
   void stop_upstreams() {
     for (auto& [name, pu] : upstreams_) pu->up->stop();
@@ -317,6 +328,10 @@ private:
       explicit InFlight(std::atomic<std::uint64_t>& c) : n(c) { n.fetch_add(1); }
       ~InFlight() { n.fetch_sub(1); }
     } in_flight(in_flight_);
+    started_.fetch_add(1, std::memory_order_relaxed);
+    // Draining: this connection closes after this reply, so the client reconnects
+    // elsewhere rather than reusing a connection that is about to go.
+    if (draining_) res.set_header("Connection", "close");
     const auto started = std::chrono::steady_clock::now();
     const Route* r = route(req);
     if (r == nullptr) {
@@ -335,6 +350,7 @@ private:
     // as it is. cpp-httplib would cut the relayed body to the range a second time, and it
     // does so from req.ranges, which it parsed and owns (the Request is not const there).
     const_cast<httplib::Request&>(req).ranges.clear();
+    const_cast<httplib::Request&>(req).headers.erase("Accept-Encoding"); // see relay_body
     std::string xff = req.get_header_value("X-Forwarded-For");
     out.headers.erase("X-Forwarded-For");
     out.headers.emplace("X-Forwarded-For", xff.empty() ? req.remote_addr : xff + ", " + req.remote_addr);
@@ -445,22 +461,15 @@ private:
     log_request(req, r->upstream, "-", res.status, started);
   }
 
-  // The peer's body, as it came. Through a content provider rather than res.body: cpp-httplib
-  // compresses a plain body for a client that accepts it, which would encode an encoded
-  // body a second time; it relays a provider's bytes untouched.
+  // The peer's body, as it came. cpp-httplib would compress a plain body for a client
+  // that accepts it, encoding an encoded body a second time: forward() removed the
+  // client's Accept-Encoding (after copying it for the peer), so it relays these bytes
+  // untouched. (Not a content provider: cpp-httplib stops writing those once the server
+  // is stopping, and a drain must finish the replies in flight.)
   static void relay_body(httplib::Response& res, std::string body, const std::string& type) {
     res.headers.erase("Content-Type");
-    if (body.empty()) {
-      if (!type.empty()) res.set_header("Content-Type", type);
-      return;
-    }
-    auto shared = std::make_shared<const std::string>(std::move(body));
-    res.set_content_provider(
-        shared->size(), type,
-        [shared](std::size_t offset, std::size_t length, httplib::DataSink& sink) {
-          return sink.write(shared->data() + offset, length);
-        });
-    if (type.empty()) res.headers.erase("Content-Type");
+    if (!type.empty()) res.set_header("Content-Type", type);
+    res.body = std::move(body);
   }
 
   void log_request(const httplib::Request& req, const std::string& upstream, const std::string& peer, int status,
@@ -507,6 +516,9 @@ private:
   httplib::Server admin_;
   int port_ = -1, admin_port_ = -1, listen_fd_ = -1, admin_fd_ = -1;
   std::atomic<std::uint64_t> in_flight_{0};
+  std::atomic<std::uint64_t> started_{0};
+  std::uint64_t quiet_started_ = 0;                  // drained()'s, one thread
+  std::chrono::steady_clock::time_point quiet_since_{};
   std::atomic<std::uint64_t> no_route_{0};
   std::atomic<bool> draining_{false};
 };
