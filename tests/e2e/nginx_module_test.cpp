@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -523,6 +524,27 @@ TEST_CASE("nginx module: dynup_status answers each worker's JSON: pid, upstream,
   auto posted = cli.Post("/status", "x", "text/plain");
   REQUIRE(posted);
   CHECK(posted->status == 405);
+}
+
+TEST_CASE("nginx module: the last worker to exit removes the shared region and its lock and leader files") {
+  require_module_nginx();
+  ModuleNginx ngx(with_backends(2, {0, 1}));
+  auto files = [&] {
+    std::set<std::string> out;
+    std::error_code ec;
+    for (const auto& e : std::filesystem::directory_iterator(ngx.shared_dir(), ec)) out.insert(e.path().filename());
+    return out;
+  };
+  REQUIRE(ngx.send(10).failures.empty());
+  const std::set<std::string> running = files();
+  INFO("while running: " << join(std::vector<std::string>(running.begin(), running.end())));
+  int regions = 0;
+  for (const std::string& f : running) regions += f.size() > 6 && f.compare(f.size() - 6, 6, ".dynup") == 0;
+  CHECK(regions == 1);
+  CHECK(running.size() >= 2); // the region and its lock (and the leader file)
+  ngx.stop();
+  const std::set<std::string> left = files();
+  CHECK_MESSAGE(left.empty(), "left behind: " << join(std::vector<std::string>(left.begin(), left.end())));
 }
 
 TEST_CASE("nginx module under wrk: 1000 peer file changes, no client errors, both workers end on the last set") {
