@@ -20,6 +20,7 @@
 # Loopback only; every process it starts is stopped by its PID on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/children.sh
 
 DURATION=${DURATION:-8}
 WARMUP=${WARMUP:-2}
@@ -47,24 +48,9 @@ done
 [[ "$REPEAT" =~ ^[1-9][0-9]*$ ]] || die "REPEAT must be a positive integer"
 
 work=$(mktemp -d /tmp/dynup-proxy-compare.XXXXXX)
-pids=()
-cleanup() {
-  local p
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+trap stop_children EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-  local p
-  for _ in $(seq 1 200); do
-    p=$((20000 + RANDOM % 40000))
-    if ! ss -Htln "sport = :$p" 2>/dev/null | grep -q .; then echo "$p"; return 0; fi
-  done
-  die "no free port"
-}
 wait_200() {
   for _ in $(seq 1 250); do
     [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$1" || true)" = 200 ] && return 0
@@ -84,7 +70,7 @@ mkdir -p "$work/backend"
   echo "  server { listen 127.0.0.1:$backend_port; location / { return 200 \"ok\n\"; } } }"
 } >"$work/backend/nginx.conf"
 "$NGINX" -p "$work/backend/" -c "$work/backend/nginx.conf" </dev/null >"$work/backend/stdout.log" 2>&1 &
-pids+=($!)
+children+=($!)
 wait_200 "http://127.0.0.1:$backend_port/" || die "the backend nginx did not start: $(cat "$work/backend/error.log")"
 
 proxy_port=$(free_port)
@@ -95,7 +81,7 @@ cat >"$work/proxy.json" <<JSON
 JSON
 "$proxy_bin" --config "$work/proxy.json" 2>"$work/proxy.log" &
 proxy_pid=$!
-pids+=($proxy_pid)
+children+=($proxy_pid)
 wait_200 "http://127.0.0.1:$proxy_port/" || die "dynup-proxy did not start: $(cat "$work/proxy.log")"
 
 # wrk's latency lines are "50%  1.23ms"; in ms.

@@ -13,6 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+. scripts/children.sh
 
 bounded=0
 for a in "$@"; do
@@ -36,14 +37,7 @@ demo_bin=$build/examples/proxy/dynup-demo
 
 work=$(mktemp -d /tmp/dynup-demo.XXXXXX)
 peers=$work/peers.json
-pids=()
-cleanup() {
-  local p
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+trap stop_children EXIT
 trap 'echo; echo "==> stopping"; exit 0' INT TERM
 
 bold=""
@@ -53,20 +47,12 @@ step() { printf '\n%s==> %s%s\n' "$bold" "$*" "$plain"; }
 fail() { echo "demo: $*" >&2; exit 1; }
 
 # A loopback port nothing listens on now.
-free_port() {
-  local p
-  for _ in $(seq 1 200); do
-    p=$((20000 + RANDOM % 40000))
-    if ! ss -Htln "sport = :$p" 2>/dev/null | grep -q .; then echo "$p"; return 0; fi
-  done
-  fail "no free port"
-}
 
 ports=()
 for i in 1 2 3; do
   port=$(free_port)
   "$demo_bin" backend --port "$port" --name "backend-$i" &
-  pids+=($!)
+  children+=($!)
   ports+=("$port")
 done
 proxy_port=$(free_port)
@@ -91,13 +77,13 @@ JSON
 step "three backends on ports ${ports[*]}; dynup-proxy on $proxy_port with a file source"
 echo "   peer file: $peers"
 "$proxy_bin" --config "$work/proxy.json" 2>"$work/proxy.log" &
-pids+=($!)
+children+=($!)
 for _ in $(seq 1 100); do
   curl -fs "http://127.0.0.1:$admin_port/healthz" >/dev/null 2>&1 && break
   sleep 0.05
 done
 curl -fs "http://127.0.0.1:$admin_port/healthz" >/dev/null || fail "dynup-proxy did not start: $(cat "$work/proxy.log")"
-proxy_pid=${pids[-1]}
+proxy_pid=${children[-1]}
 
 version() { curl -fs "http://127.0.0.1:$admin_port/upstreams/demo" | sed -n 's/^  "version": \([0-9]*\),$/\1/p'; }
 # Waits until the upstream serves a version above $1 (the file watcher reads a change
