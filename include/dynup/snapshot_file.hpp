@@ -58,14 +58,9 @@ inline std::string rfc3339_ms(std::chrono::system_clock::time_point t) {
 
 } // namespace detail
 
-/// Writes `set` to `path` atomically: a temporary file in the same directory (mode
-/// 0600), fsync, rename over `path`, fsync of the directory. Readers of `path` see the
-/// old file or the new one, never a mix; concurrent saves are safe (the last rename
-/// wins). On an error before the rename nothing at `path` changes and the temporary
-/// file is removed; if only the final directory fsync fails, the new file is in place
-/// but may not survive a power loss, and the error says so.
-inline Result<void> save_snapshot(const std::string& path, const PeerSet& set,
-                                  std::chrono::system_clock::time_point now = std::chrono::system_clock::now()) {
+/// The bytes save_snapshot writes for `set` saved at `now`: header and payload, which
+/// decode_snapshot reads back. Pure; allocates.
+inline std::string encode_snapshot(const PeerSet& set, std::chrono::system_clock::time_point now) {
   nlohmann::ordered_json payload_doc = peer_set_to_json(set);
   payload_doc["saved_at"] = detail::rfc3339_ms(now);
   payload_doc["saved_at_ms"] =
@@ -76,7 +71,18 @@ inline Result<void> save_snapshot(const std::string& path, const PeerSet& set,
   char header[96];
   std::snprintf(header, sizeof header, "dynup-snapshot %d %zu %08x\n", snapshot_format_version,
                 payload.size(), static_cast<unsigned>(detail::crc32c(payload)));
-  std::string data = header + payload;
+  return header + payload;
+}
+
+/// Writes `set` to `path` atomically: a temporary file in the same directory (mode
+/// 0600), fsync, rename over `path`, fsync of the directory. Readers of `path` see the
+/// old file or the new one, never a mix; concurrent saves are safe (the last rename
+/// wins). On an error before the rename nothing at `path` changes and the temporary
+/// file is removed; if only the final directory fsync fails, the new file is in place
+/// but may not survive a power loss, and the error says so.
+inline Result<void> save_snapshot(const std::string& path, const PeerSet& set,
+                                  std::chrono::system_clock::time_point now = std::chrono::system_clock::now()) {
+  std::string data = encode_snapshot(set, now);
 
   static std::atomic<unsigned> counter{0};
   std::string dir = detail::directory_of(path);
