@@ -256,3 +256,7 @@ specs = [
 ]
 for i, s in enumerate(specs):
     write("spec", "spec_%02d" % i, s)
+
+# ---- regressions: inputs the targets found, minimized (tests/unit/fuzz_regression_test.cpp)
+consul("regression-token-in-parse-error", HEALTH, '{"Error":"ACL not found for token SECRET-70k3n-4d2a',
+       token="-70k3n-4d2a")

@@ -421,8 +421,10 @@ public:
     } catch (const nlohmann::json::exception& e) {
       std::string w = e.what();
       auto bracket = w.find("] ");
-      return Error(Errc::parse_error,
-                   what + ": invalid JSON: " + (bracket == std::string::npos ? w : w.substr(bracket + 2)));
+      if (bracket != std::string::npos) w.erase(0, bracket + 2);
+      // "; last read: '…'" quotes the body, which may echo the token, in whole or in part.
+      if (auto quoted = w.find("; last read: "); quoted != std::string::npos && !token_.empty()) w.resize(quoted);
+      return Error(Errc::parse_error, what + ": invalid JSON: " + w);
     }
     if (!doc.is_array())
       return Error(Errc::parse_error, what + ": expected a JSON array of " +
