@@ -260,3 +260,10 @@ for i, s in enumerate(specs):
 # ---- regressions: inputs the targets found, minimized (tests/unit/fuzz_regression_test.cpp)
 consul("regression-token-in-parse-error", HEALTH, '{"Error":"ACL not found for token SECRET-70k3n-4d2a',
        token="-70k3n-4d2a")
+non_utf8 = ('{"header":{"revision":"3"},"kvs":['
+            + ",".join('{"key":"%s","value":"%s","mod_revision":"2"}'
+                       % (base64.b64encode(b"/u/a/" + k).decode(), b64(v))
+                       for k, v in [(b"\xff", "10.0.0.1:80"), (b"\xfe", "10.0.0.2:80"),
+                                    (b"\xfd", '{"id":"explicit","host":"10.0.0.3","port":80}')])
+            + "]}")
+write("etcd", "regression-non-utf8-key-id", b"\x01" + non_utf8.encode())

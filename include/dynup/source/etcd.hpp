@@ -10,11 +10,11 @@
 //   format (docs/FORMAT.md): an object, a JSON string "host:port", or the bare text
 //   host:port (what `etcdctl put KEY 10.0.0.1:8080` stores). The peer's id is its "id"
 //   field if it has one, else the key's name after the prefix (/upstreams/api/web-1 →
-//   "web-1"; name keys "10.0.0.1:8080" to get dynup's usual host:port ids). Key names
-//   are unique, so the ids are, and a value edit (new weight, new address) keeps the
-//   peer's id and with it its health and balancer state. A key whose value is not a
-//   valid peer, or whose explicit id another key already uses, is left out with the
-//   reason; the other keys are published.
+//   "web-1"; name keys "10.0.0.1:8080" to get dynup's usual host:port ids; a name that
+//   is not UTF-8 needs an "id"). Key names are unique, so the ids are, and a value edit
+//   (new weight, new address) keeps the peer's id and with it its health and balancer
+//   state. A key whose value is not a valid peer, or whose explicit id another key
+//   already uses, is left out with the reason; the other keys are published.
 // layout=document: the path names one key exactly; its value is a whole peer-set
 //   document ({"peers":[…]} or a bare array). An invalid document is an error and keeps
 //   the last good set; an absent key is an empty set (which the guards refuse by default).
@@ -28,6 +28,7 @@
 
 #include <dynup/detail/base64.hpp>
 #include <dynup/detail/json_stream.hpp>
+#include <dynup/detail/utf8.hpp>
 #include <dynup/peer.hpp>
 #include <dynup/peer_json.hpp>
 #include <dynup/peer_set.hpp>
@@ -477,6 +478,9 @@ public:
     if (!host) return bad(host.error().message());
     p.host = std::move(host).value();
     if (p.id.empty()) p.id = key.size() > key_.size() ? key.substr(key_.size()) : host_port(p.host, p.port);
+    // Key names are any bytes, but the id leaves in JSON (status, snapshot file, shared
+    // region), where bytes that are not UTF-8 become U+FFFD: another id, maybe a duplicate.
+    if (!detail::is_utf8(p.id)) return bad("the key name is not UTF-8 (set \"id\" in the value)");
     if (const char* why = detail::bad_id(p.id)) return bad(std::string("peer ") + why + " (set \"id\" in the value)");
     std::sort(p.tags.begin(), p.tags.end());
     p.tags.erase(std::unique(p.tags.begin(), p.tags.end()), p.tags.end());
