@@ -162,7 +162,16 @@ inline Result<LoadedSnapshot> decode_snapshot(std::string_view data) {
   LoadedSnapshot out;
   if (!doc.is_object() || !doc.contains("saved_at_ms") || !doc["saved_at_ms"].is_number_integer())
     return corrupt("payload lacks saved_at_ms");
-  out.saved_at = std::chrono::system_clock::time_point(std::chrono::milliseconds(doc["saved_at_ms"].get<std::int64_t>()));
+  // system_clock counts nanoseconds in 64 bits (years 1677..2262 here): a time beyond that
+  // would overflow the conversion.
+  using std::chrono::milliseconds;
+  constexpr auto min_ms = std::chrono::duration_cast<milliseconds>(std::chrono::system_clock::duration::min()).count();
+  constexpr auto max_ms = std::chrono::duration_cast<milliseconds>(std::chrono::system_clock::duration::max()).count();
+  const nlohmann::json& ms = doc["saved_at_ms"];
+  if (ms.is_number_unsigned() ? ms.get<std::uint64_t>() > static_cast<std::uint64_t>(max_ms)
+                              : (ms.get<std::int64_t>() < min_ms || ms.get<std::int64_t>() > max_ms))
+    return corrupt("payload saved_at_ms " + ms.dump() + " is out of range");
+  out.saved_at = std::chrono::system_clock::time_point(milliseconds(ms.get<std::int64_t>()));
   if (auto v = doc.find("version"); v != doc.end() && v->is_number_unsigned())
     out.saved_version = v->get<std::uint64_t>();
   doc.erase("saved_at");

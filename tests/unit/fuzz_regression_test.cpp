@@ -1,7 +1,9 @@
 // Inputs the fuzz targets in fuzz/ found, minimized by hand, each with the property it
 // broke. Each input is also a seed: fuzz/corpus/<target>/regression-*.
+#include <dynup/detail/crc32.hpp>
 #include <dynup/detail/utf8.hpp>
 #include <dynup/peer_json.hpp>
+#include <dynup/snapshot_file.hpp>
 #include <dynup/source/consul.hpp>
 #include <dynup/source/etcd.hpp>
 
@@ -9,10 +11,29 @@
 
 #include <doctest/doctest.h>
 
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
 #include <string>
 
 using dynup::Errc;
 using dynup_test::contains;
+
+namespace {
+
+// A snapshot file with a correct header for `payload`, as save_snapshot writes it.
+std::string snapshot_file(const std::string& payload) {
+  char header[96];
+  std::snprintf(header, sizeof header, "dynup-snapshot 1 %zu %08x\n", payload.size(),
+                static_cast<unsigned>(dynup::detail::crc32c(payload)));
+  return header + payload;
+}
+
+std::string payload_saved_at(const std::string& ms) {
+  return R"({"version":1,"index":2,"peers":["10.0.0.1:80"],"saved_at":"x","saved_at_ms":)" + ms + "}";
+}
+
+} // namespace
 
 // fuzz_consul: a 200 body that is not JSON was quoted by the parser's "last read: '…'".
 TEST_CASE("consul: a reply that is not JSON is reported without quoting a token it echoes") {
@@ -64,4 +85,21 @@ TEST_CASE("is_utf8 refuses overlong forms, surrogates, code points above U+10FFF
   for (const char* bad : {"\xff", "\x80", "\xc0\xaf", "\xc1\xbf", "\xe0\x80\xaf", "\xed\xa0\x80", "\xf0\x80\x80\xaf",
                           "\xf4\x90\x80\x80", "\xf5\x80\x80\x80", "\xc3", "\xe2\x82", "\xc3\x28"})
     CHECK_MESSAGE(!is_utf8(bad), bad);
+}
+
+// fuzz_snapshot: saved_at_ms beyond what system_clock holds (years 1677..2262) overflowed
+// the conversion to nanoseconds (UBSan: signed integer overflow in <chrono>).
+TEST_CASE("snapshot: a saved_at_ms system_clock cannot hold is refused as corrupt") {
+  for (const char* ms : {"17000000000123", "9223372036854775807", "-9223372036854775808", "18446744073709551615"}) {
+    auto r = dynup::decode_snapshot(snapshot_file(payload_saved_at(ms)));
+    REQUIRE_FALSE_MESSAGE(r, ms);
+    CHECK(r.error().code() == Errc::corrupt);
+    CHECK(contains(r.error().message(), "saved_at_ms"));
+  }
+  using std::chrono::milliseconds;
+  const auto max_ms =
+      std::chrono::duration_cast<milliseconds>(std::chrono::system_clock::duration::max()).count();
+  auto last = dynup::decode_snapshot(snapshot_file(payload_saved_at(std::to_string(max_ms))));
+  REQUIRE_MESSAGE(last, last.error().message());
+  CHECK(std::chrono::duration_cast<milliseconds>(last->saved_at.time_since_epoch()).count() == max_ms);
 }
