@@ -6,6 +6,8 @@
 #include <dynup/snapshot_file.hpp>
 #include <dynup/source/consul.hpp>
 #include <dynup/source/etcd.hpp>
+#include <dynup/source/spec.hpp>
+#include <dynup/watch/any.hpp>
 
 #include <support/text.hpp>
 
@@ -102,4 +104,22 @@ TEST_CASE("snapshot: a saved_at_ms system_clock cannot hold is refused as corrup
   auto last = dynup::decode_snapshot(snapshot_file(payload_saved_at(std::to_string(max_ms))));
   REQUIRE_MESSAGE(last, last.error().message());
   CHECK(std::chrono::duration_cast<milliseconds>(last->saved_at.time_since_epoch()).count() == max_ms);
+}
+
+// fuzz_spec: parse_source_spec quoted the whole spec in its errors, so an etcd:// spec with
+// a token= (and so a bad port, say) showed it; ConsulSource alone redacted it afterwards.
+TEST_CASE("spec: parse errors quote the spec with its token redacted, whatever the scheme") {
+  for (const char* text : {"etcd://h:99999/u/?token=s3cr3t-70k3n", "consul://h:99999/health/api?token=s3cr3t-70k3n",
+                           "consul://h/health/api?tag=%zz&tok%65n=s3cr3t-70k3n"}) {
+    auto parsed = dynup::parse_source_spec(text);
+    REQUIRE_FALSE(parsed);
+    CHECK(contains(parsed.error().message(), "=redacted"));
+    CHECK_FALSE(contains(parsed.error().message(), "s3cr3t"));
+    auto valid = dynup::Watcher::validate(text);
+    REQUIRE_FALSE(valid);
+    CHECK_FALSE(contains(valid.error().message(), "s3cr3t"));
+  }
+  auto etcd = dynup::EtcdSource::from_spec("etcd://h:99999/u/?token=s3cr3t-70k3n");
+  REQUIRE_FALSE(etcd);
+  CHECK_FALSE(contains(etcd.error().message(), "s3cr3t"));
 }

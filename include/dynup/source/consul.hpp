@@ -197,28 +197,6 @@ inline std::string quote_body(std::string_view body, const std::string& secret) 
   return "\"" + s + "\"";
 }
 
-/// The spec text with any token value replaced, for parse errors that quote the spec.
-inline std::string redact_spec_text(std::string_view text) {
-  std::string out(text);
-  auto q = out.find('?');
-  if (q == std::string::npos) return out;
-  std::size_t pos = q + 1;
-  while (pos < out.size()) {
-    auto amp = out.find('&', pos);
-    auto end = amp == std::string::npos ? out.size() : amp;
-    auto eq = out.find('=', pos);
-    if (eq != std::string::npos && eq < end) {
-      auto key = detail::percent_decode(std::string_view(out).substr(pos, eq - pos), "");
-      if (key && *key == "token") {
-        out.replace(eq + 1, end - eq - 1, "redacted");
-        end = eq + 1 + 8;
-      }
-    }
-    pos = end + 1;
-  }
-  return out;
-}
-
 } // namespace detail
 
 /// A Consul source: a request builder and decoder for health, catalog or KV listings.

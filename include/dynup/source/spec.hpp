@@ -81,12 +81,35 @@ inline Result<std::string> percent_decode(std::string_view s, std::string_view w
   return out;
 }
 
+/// The spec text with any token value replaced, for parse errors that quote the spec.
+inline std::string redact_spec_text(std::string_view text) {
+  std::string out(text);
+  auto q = out.find('?');
+  if (q == std::string::npos) return out;
+  std::size_t pos = q + 1;
+  while (pos < out.size()) {
+    auto amp = out.find('&', pos);
+    auto end = amp == std::string::npos ? out.size() : amp;
+    auto eq = out.find('=', pos);
+    if (eq != std::string::npos && eq < end) {
+      auto key = percent_decode(std::string_view(out).substr(pos, eq - pos), "");
+      if (key && *key == "token") {
+        out.replace(eq + 1, end - eq - 1, "redacted");
+        end = eq + 1 + 8;
+      }
+    }
+    pos = end + 1;
+  }
+  return out;
+}
+
 } // namespace detail
 
-/// Parses a spec. Errors say which part is wrong and list the supported schemes.
+/// Parses a spec. Errors say which part is wrong and list the supported schemes; they
+/// quote the spec with any token= value replaced by "redacted".
 inline Result<SourceSpec> parse_source_spec(std::string_view text) {
   auto bad = [&](const std::string& why) {
-    return Error(Errc::invalid_argument, "source \"" + std::string(text) + "\": " + why);
+    return Error(Errc::invalid_argument, "source \"" + detail::redact_spec_text(text) + "\": " + why);
   };
   auto colon = text.find(':');
   if (colon == std::string_view::npos || colon == 0)
