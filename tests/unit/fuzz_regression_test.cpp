@@ -106,6 +106,23 @@ TEST_CASE("snapshot: a saved_at_ms system_clock cannot hold is refused as corrup
   CHECK(std::chrono::duration_cast<milliseconds>(last->saved_at.time_since_epoch()).count() == max_ms);
 }
 
+// fuzz_spec: a host with ':' outside brackets (or a stray bracket) parsed, and describe()
+// then bracketed it into a spec that did not parse back.
+TEST_CASE("spec: a host with ':' or a bracket outside [IPv6] is refused, so describe() parses back") {
+  for (const char* text : {"consul://x]:1:8500/health/api", "consul://::1:8500/health/api", "etcd://a[b:2379/u/",
+                           "consul://[a[b]:8500/health/api"}) {
+    auto r = dynup::parse_source_spec(text);
+    REQUIRE_FALSE_MESSAGE(r, text);
+    CHECK(r.error().code() == Errc::invalid_argument);
+    CHECK_MESSAGE(contains(r.error().message(), "write IPv6 as [addr]:port"), r.error().message());
+  }
+  auto v6 = dynup::ConsulSource::from_spec("consul://[::1]:8500/health/api");
+  REQUIRE(v6);
+  auto again = dynup::ConsulSource::from_spec(v6->describe());
+  REQUIRE_MESSAGE(again, again.error().message());
+  CHECK(again->describe() == v6->describe());
+}
+
 // fuzz_spec: parse_source_spec quoted the whole spec in its errors, so an etcd:// spec with
 // a token= (and so a bad port, say) showed it; ConsulSource alone redacted it afterwards.
 TEST_CASE("spec: parse errors quote the spec with its token redacted, whatever the scheme") {

@@ -155,6 +155,11 @@ inline Result<SourceSpec> parse_source_spec(std::string_view text) {
     }
   }
   if (host.empty()) return bad("the host is empty");
+  // Brackets only enclose an IPv6 address, and a ':' outside them would make describe()
+  // write a spec that does not parse back.
+  if (host.find_first_of("[]") != std::string_view::npos ||
+      (authority.front() != '[' && host.find(':') != std::string_view::npos))
+    return bad("host \"" + std::string(host) + "\" is not a name or address (write IPv6 as [addr]:port)");
   spec.host = std::string(host);
   if (port.empty()) {
     spec.port = spec.scheme == "consul" ? 8500 : 2379;
