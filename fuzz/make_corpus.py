@@ -271,3 +271,4 @@ write("snapshot", "regression-saved-at-ms-range",
       b"\x01" + b'{"version":1,"index":2,"peers":["10.0.0.1:80"],"saved_at":"x","saved_at_ms":17000000000123}')
 write("spec", "regression-host-colon", "consul://x]:1:8500/health/api")
 write("spec", "regression-etcd-token-in-parse-error", "etcd://h:99999/u/?token=SECRET-70k3n-4d2a")
+write("spec", "regression-scheme-quotes-token", "consul//h/health/api?token=SECRET-70k3n-4d2a&near=a:b")

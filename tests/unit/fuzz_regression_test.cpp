@@ -140,3 +140,24 @@ TEST_CASE("spec: parse errors quote the spec with its token redacted, whatever t
   REQUIRE_FALSE(etcd);
   CHECK_FALSE(contains(etcd.error().message(), "s3cr3t"));
 }
+
+// fuzz_spec: the "scheme" is the text before the first ':', which for a spec missing its
+// "://" can run into the query; the unknown-scheme error quoted it, token and all.
+TEST_CASE("spec: text before ':' that is no scheme name is not quoted as a scheme") {
+  const char* text = "consul//h/health/api?token=s3cr3t-70k3n&near=a:b";
+  auto valid = dynup::Watcher::validate(text);
+  REQUIRE_FALSE(valid);
+  CHECK(valid.error().code() == Errc::invalid_argument);
+  CHECK(contains(valid.error().message(), "expected scheme://"));
+  CHECK_FALSE(contains(valid.error().message(), "s3cr3t"));
+  auto parsed = dynup::parse_source_spec(text);
+  REQUIRE_FALSE(parsed);
+  CHECK(contains(parsed.error().message(), "expected scheme://"));
+  CHECK_FALSE(contains(parsed.error().message(), "s3cr3t"));
+  // A real scheme name is still named.
+  auto zk = dynup::Watcher::validate("zk://h/p?token=s3cr3t-70k3n");
+  REQUIRE_FALSE(zk);
+  CHECK(zk.error().code() == Errc::unsupported);
+  CHECK(contains(zk.error().message(), "unknown scheme \"zk\""));
+  CHECK_FALSE(contains(zk.error().message(), "s3cr3t"));
+}

@@ -81,6 +81,17 @@ inline Result<std::string> percent_decode(std::string_view s, std::string_view w
   return out;
 }
 
+/// Whether `s` is a URI scheme name (RFC 3986: a letter, then letters, digits, + - .).
+/// Text before the first ':' that is not one is no scheme, and is not quoted as one: it
+/// may hold a query, and a token with it.
+inline bool is_scheme_name(std::string_view s) noexcept {
+  auto alpha = [](char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); };
+  if (s.empty() || !alpha(s.front())) return false;
+  for (char c : s)
+    if (!alpha(c) && !(c >= '0' && c <= '9') && c != '+' && c != '-' && c != '.') return false;
+  return true;
+}
+
 /// The spec text with any token value replaced, for parse errors that quote the spec.
 inline std::string redact_spec_text(std::string_view text) {
   std::string out(text);
@@ -112,7 +123,7 @@ inline Result<SourceSpec> parse_source_spec(std::string_view text) {
     return Error(Errc::invalid_argument, "source \"" + detail::redact_spec_text(text) + "\": " + why);
   };
   auto colon = text.find(':');
-  if (colon == std::string_view::npos || colon == 0)
+  if (colon == std::string_view::npos || !detail::is_scheme_name(text.substr(0, colon)))
     return bad("expected scheme://…, one of file://, consul://, etcd://");
   SourceSpec spec;
   spec.scheme = std::string(text.substr(0, colon));

@@ -165,7 +165,7 @@ inline Result<PreparedSource> prepare_source(std::string_view spec, const AnyWat
 
   // An unknown scheme may still be a mistyped consul:// spec carrying a token.
   std::string shown = "source \"" + redact_spec_text(spec) + "\": ";
-  if (scheme.empty())
+  if (!is_scheme_name(scheme))
     return Error(Errc::invalid_argument, shown + "expected scheme://…, one of " + supported);
   return Error(Errc::unsupported,
                shown + "unknown scheme \"" + std::string(scheme) + "\" (supported: " + supported + ")");
