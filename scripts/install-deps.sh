@@ -16,6 +16,7 @@ packages=(
   curl                                  # the demo and bench scripts talk to admin and status endpoints
   lua-cjson                             # the article's approach in bench/lua_compare.sh decodes with cjson
   valgrind                              # the nginx module's leak check (e2e) and the instruction counts in bench/
+  clang libclang-rt-dev                 # libFuzzer targets (fuzz/); the runtimes are only a Recommends of clang
 )
 
 missing=()

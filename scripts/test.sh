@@ -4,7 +4,9 @@
 #   2. builds everything with -Wall -Wextra -Werror and runs every CTest test
 #      (unit, end-to-end, packaging, benchmark smoke run),
 #   3. rebuilds the unit tests and the C ABI test under ASan+UBSan and under TSan and
-#      runs them.
+#      runs them,
+#   4. builds the libFuzzer targets with clang and runs each for $DYNUP_FUZZ_SECONDS
+#      (default 15) on a copy of its corpus (docs/FUZZING.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -33,4 +35,13 @@ for san in address,undefined thread; do
   cmake --build "$dir" -j "$jobs" --target dynup_unit_tests dynup_c_api_test
   ctest --test-dir "$dir" -L 'unit|capi' --output-on-failure
 done
+
+fuzz="$root/build/test-fuzz"
+fuzz_seconds=${DYNUP_FUZZ_SECONDS:-15}
+stage "fuzz targets (clang, libFuzzer), ${fuzz_seconds}s each, in $fuzz"
+CC=clang CXX=clang++ cmake -S . -B "$fuzz" -DDYNUP_BUILD_FUZZ=ON \
+  -DDYNUP_FUZZ_SECONDS="$fuzz_seconds" -DDYNUP_WERROR=ON -DDYNUP_BUILD_TESTS=OFF -DDYNUP_BUILD_EXAMPLES=OFF \
+  -DDYNUP_BUILD_BENCH=OFF -DDYNUP_BUILD_C_API=OFF -DDYNUP_INSTALL=OFF >/dev/null
+cmake --build "$fuzz" -j "$jobs"
+ctest --test-dir "$fuzz" -L fuzz --output-on-failure -j "$jobs"
 stage "all tests passed"
