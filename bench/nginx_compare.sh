@@ -52,7 +52,9 @@
 # decodes them all on every request), BACKEND_WORKERS=1, NGINX=nginx, WRK=wrk,
 # NGINX_MODULES (nginx -V's --modules-path), DYNUP_LUA_DIR (the directory holding
 # resty/dynup.lua: examples/lua/lib), KEEP_DIR=1 keeps the work directory (configs,
-# logs, wrk outputs).
+# logs, wrk outputs), SUMMARY=file also writes the figures there, one `mode metric value`
+# line each (metrics rps, p99_ms, cpu_us, failed, requests: the table's medians and sums;
+# instructions with INSTRUCTIONS=1): what bench/figures.sh reads.
 # PIN=1 (2+ CPUs, WORKERS=1): the proxy's worker on CPU 0 (worker_cpu_affinity), the
 # backends and wrk on CPU 1 (worker_cpu_affinity, taskset), so that the proxy's CPU is
 # its own and the modes are compared on the CPU they use rather than through the noise
@@ -173,6 +175,7 @@ if wants article; then
   [ -n "$cjson_dir" ] || die "cjson.so not found (the article's mode needs it): apt-get install lua-cjson"
 fi
 
+if [ -n "${SUMMARY:-}" ]; then : >"$SUMMARY" || die "cannot write SUMMARY=$SUMMARY"; fi
 work=$(mktemp -d /tmp/dynup-nginx-compare.XXXXXX)
 # module's shared.dir: a tmpfs, as dynup's default /dev/shm (/tmp may be a disk, whose
 # writeback of the mapped region would be measured too); a directory of this run's.
@@ -597,6 +600,8 @@ if [ "$REPEAT" -gt 0 ]; then
     list=$(printf '%s' "${rps[$mode]}" | awk '{ for (i = 1; i <= NF; i++) printf "%s%.0f", (i > 1 ? ", " : ""), $i }')
     printf '| %s | %s | %.0f | %s | %s | %s | %s | %d of %d |\n' "$mode" "$list" "$m" "$ratio" "$(median ${p99[$mode]})" "$c" "$cratio" \
       "${errors[$mode]}" "${requests[$mode]}"
+    [ -z "${SUMMARY:-}" ] || printf '%s rps %s\n%s p99_ms %s\n%s cpu_us %s\n%s failed %d\n%s requests %d\n' \
+      "$mode" "$m" "$mode" "$(median ${p99[$mode]})" "$mode" "$c" "$mode" "${errors[$mode]}" "$mode" "${requests[$mode]}" >>"$SUMMARY"
   done
 fi
 
@@ -643,6 +648,7 @@ if [ "$INSTRUCTIONS" = 1 ]; then
   printf '| --- | --- | --- |\n'
   for mode in $imodes; do
     printf '| %s | %s | %s |\n' "$mode" "${ir[$mode]}" "$(awk -v a="${ir[$mode]}" -v b="$ir_base" 'BEGIN { printf "%.3f", a / b }')"
+    [ -z "${SUMMARY:-}" ] || echo "$mode instructions ${ir[$mode]}" >>"$SUMMARY"
   done
 fi
 

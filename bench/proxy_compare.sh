@@ -12,7 +12,9 @@
 # Prints one line per repetition and a Markdown table of medians: requests/s, p50 and p99
 # latency, and the ratio to direct. Environment (defaults): DURATION=8, WARMUP=2,
 # CONNECTIONS=16, THREADS=2, REPEAT=5, PROXY_THREADS=64 (dynup-proxy's "threads": one per
-# client connection), NGINX=nginx, WRK=wrk. The proxy: the argument, else
+# client connection), NGINX=nginx, WRK=wrk, SUMMARY=file (also writes the table's figures
+# there, one `mode metric value` line each: rps, p50_ms, p99_ms, failed; what
+# bench/figures.sh reads). The proxy: the argument, else
 # build/bench/examples/proxy/dynup-proxy, else build/dev/examples/proxy/dynup-proxy. Use a
 # Release build:
 #   cmake -S . -B build/bench -DCMAKE_BUILD_TYPE=Release -DDYNUP_BUILD_TESTS=OFF
@@ -47,6 +49,7 @@ for v in DURATION WARMUP CONNECTIONS THREADS PROXY_THREADS; do
 done
 [[ "$REPEAT" =~ ^[1-9][0-9]*$ ]] || die "REPEAT must be a positive integer"
 
+if [ -n "${SUMMARY:-}" ]; then : >"$SUMMARY" || die "cannot write SUMMARY=$SUMMARY"; fi
 work=$(mktemp -d /tmp/dynup-proxy-compare.XXXXXX)
 trap stop_children EXIT
 trap 'exit 130' INT TERM
@@ -119,4 +122,6 @@ for mode in direct proxy; do
   m=$(median <<<"${rps[$mode]}")
   printf '| %s | %s | %.0f | %.3f | %s | %s | %d |\n' "$mode" "$(echo ${rps[$mode]} | awk '{ for (i = 1; i <= NF; i++) printf "%s%.0f", (i > 1 ? ", " : ""), $i }')" \
     "$m" "$(awk -v a="$m" -v b="$d" 'BEGIN { print a / b }')" "$(median <<<"${p50[$mode]}")" "$(median <<<"${p99[$mode]}")" "${failed[$mode]}"
+  [ -z "${SUMMARY:-}" ] || printf '%s rps %s\n%s p50_ms %s\n%s p99_ms %s\n%s failed %d\n' "$mode" "$m" \
+    "$mode" "$(median <<<"${p50[$mode]}")" "$mode" "$(median <<<"${p99[$mode]}")" "$mode" "${failed[$mode]}" >>"$SUMMARY"
 done
