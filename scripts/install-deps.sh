@@ -17,6 +17,7 @@ packages=(
   lua-cjson                             # the article's approach in bench/lua_compare.sh decodes with cjson
   valgrind                              # the nginx module's leak check (e2e) and the instruction counts in bench/
   clang libclang-rt-dev                 # libFuzzer targets (fuzz/); the runtimes are only a Recommends of clang
+  python3                               # bench/figures.py: the generated figures table in docs/PERFORMANCE.md
 )
 
 missing=()
