@@ -17,6 +17,22 @@
 #define DYNUP_MAX_REPORTED_ERRORS 10
 #endif
 
+// Limits on one set, so a hostile or broken registry cannot make every process that
+// decodes its answer allocate without bound. They are generous next to Consul's own
+// limits on service metadata (64 pairs, keys of 128 bytes, values of 512 bytes).
+#ifndef DYNUP_MAX_PEERS
+#define DYNUP_MAX_PEERS (1u << 20) // peers in one set
+#endif
+#ifndef DYNUP_MAX_PEER_LABELS
+#define DYNUP_MAX_PEER_LABELS 256 // tags of one peer, and meta entries of one peer
+#endif
+#ifndef DYNUP_MAX_LABEL_BYTES
+#define DYNUP_MAX_LABEL_BYTES 1024 // one tag, one meta key, the zone
+#endif
+#ifndef DYNUP_MAX_META_VALUE_BYTES
+#define DYNUP_MAX_META_VALUE_BYTES 4096 // one meta value
+#endif
+
 DYNUP_NAMESPACE_BEGIN
 
 class Publisher;
@@ -30,6 +46,27 @@ inline const char* bad_id(const std::string& id) noexcept {
   for (unsigned char c : id)
     if (c < 0x20 || c == 0x7f) return "id contains a control character";
   return nullptr;
+}
+
+/// Why a peer's zone, tags or meta exceed the limits above, or an empty string.
+inline std::string oversized_labels(const Peer& p) {
+  auto too_long = [](const std::string& what, std::size_t n, std::size_t max) {
+    return what + " is " + std::to_string(n) + " bytes, longer than " + std::to_string(max);
+  };
+  if (p.zone.size() > DYNUP_MAX_LABEL_BYTES) return too_long("zone", p.zone.size(), DYNUP_MAX_LABEL_BYTES);
+  if (p.tags.size() > DYNUP_MAX_PEER_LABELS)
+    return std::to_string(p.tags.size()) + " tags, more than " + std::to_string(DYNUP_MAX_PEER_LABELS);
+  for (std::size_t i = 0; i < p.tags.size(); ++i)
+    if (p.tags[i].size() > DYNUP_MAX_LABEL_BYTES)
+      return too_long("tags[" + std::to_string(i) + "]", p.tags[i].size(), DYNUP_MAX_LABEL_BYTES);
+  if (p.meta.size() > DYNUP_MAX_PEER_LABELS)
+    return std::to_string(p.meta.size()) + " meta entries, more than " + std::to_string(DYNUP_MAX_PEER_LABELS);
+  for (const auto& [k, v] : p.meta) {
+    if (k.size() > DYNUP_MAX_LABEL_BYTES) return too_long("a meta key", k.size(), DYNUP_MAX_LABEL_BYTES);
+    if (v.size() > DYNUP_MAX_META_VALUE_BYTES)
+      return too_long("a meta value", v.size(), DYNUP_MAX_META_VALUE_BYTES);
+  }
+  return {};
 }
 } // namespace detail
 
@@ -55,15 +92,24 @@ public:
 
   /// Validates and canonicalizes `peers`, then sorts them by id. O(n log n).
   /// Each peer: host canonical (IPv4/IPv6/DNS), port 1..65535, weight 1..max_weight,
-  /// id defaulting to host:port, no duplicate ids, tags sorted and de-duplicated.
+  /// id defaulting to host:port, no duplicate ids, tags sorted and de-duplicated; at
+  /// most DYNUP_MAX_PEERS peers (Errc::too_large), and zone, tags and meta within
+  /// DYNUP_MAX_PEER_LABELS, DYNUP_MAX_LABEL_BYTES and DYNUP_MAX_META_VALUE_BYTES.
   /// On failure, the error names each bad peer by position and id (first
   /// DYNUP_MAX_REPORTED_ERRORS of them) and nothing is returned.
   static Result<PeerSet> make(std::vector<Peer> peers, std::uint64_t source_index = 0) {
+    if (peers.size() > DYNUP_MAX_PEERS)
+      return Error(Errc::too_large, "a set of " + std::to_string(peers.size()) + " peers is more than " +
+                                        std::to_string(DYNUP_MAX_PEERS) + " (DYNUP_MAX_PEERS)");
     std::vector<std::string> errors;
     std::size_t error_count = 0;
     auto fail = [&](std::size_t pos, const Peer& p, const std::string& what) {
       if (errors.size() < DYNUP_MAX_REPORTED_ERRORS) {
         std::string name = p.id.empty() ? host_port(p.host, p.port) : p.id;
+        // The name goes into logs: no control characters, no unbounded length.
+        if (name.size() > 64) name = name.substr(0, 64) + "...";
+        for (char& c : name)
+          if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = '?';
         errors.push_back("peers[" + std::to_string(pos) + "] \"" + name + "\": " + what);
       }
       ++error_count;
@@ -89,6 +135,10 @@ public:
       }
       if (p.id.empty() && !bad) p.id = host_port(p.host, p.port);
       if (auto why = detail::bad_id(p.id); why && !bad) {
+        fail(i, p, why);
+        bad = true;
+      }
+      if (std::string why = detail::oversized_labels(p); !why.empty()) {
         fail(i, p, why);
         bad = true;
       }

@@ -186,13 +186,19 @@ inline Result<UpstreamConfig> parse_upstream_config(const nlohmann::json& doc) {
     return Error(Errc::invalid_argument, top.at("policy") + ": " + made.error().message());
 
   if (const nlohmann::json* g = top.get("guards")) {
-    detail::ConfigReader guards(*g, top.at("guards"), error, {"allow_empty", "min_peers", "max_removed_share"});
+    detail::ConfigReader guards(*g, top.at("guards"), error, {"allow_empty", "min_peers", "max_peers", "max_removed_share"});
     guards.flag("allow_empty", c.watch.guards.allow_empty);
     std::uint64_t min_peers = c.watch.guards.min_peers;
     guards.integer("min_peers", 0, 1000000, min_peers);
     c.watch.guards.min_peers = static_cast<std::size_t>(min_peers);
+    std::uint64_t max_peers = c.watch.guards.max_peers;
+    guards.integer("max_peers", 0, DYNUP_MAX_PEERS, max_peers);
+    c.watch.guards.max_peers = static_cast<std::size_t>(max_peers);
     guards.number("max_removed_share", 0.0, 1.0, c.watch.guards.max_removed_share);
     if (error) return *error;
+    if (c.watch.guards.max_peers > 0 && c.watch.guards.min_peers > c.watch.guards.max_peers)
+      return Error(Errc::invalid_argument, top.at("guards") + ": min_peers " + std::to_string(min_peers) +
+                                               " is more than max_peers " + std::to_string(max_peers));
   }
 
   if (const nlohmann::json* w = top.get("watch")) {

@@ -24,6 +24,7 @@ struct Guards {
   bool allow_empty = false;         ///< publish a set with no peers
   double max_removed_share = 1.0;   ///< refuse an update removing more than this share [0, 1]
   std::size_t min_peers = 0;        ///< refuse a set with fewer peers (0: no minimum)
+  std::size_t max_peers = 0;        ///< refuse a set with more peers (0: only DYNUP_MAX_PEERS)
 };
 
 /// Checks `next` against the guards, given the set now served (`current`, which is
@@ -39,6 +40,9 @@ inline Result<void> check_guards(const Guards& g, const PeerSet& current, const 
   if (g.min_peers > 0 && next.size() < g.min_peers)
     return Error(Errc::rejected, "refusing a set of " + std::to_string(next.size()) +
                                      " peers, fewer than min_peers " + std::to_string(g.min_peers));
+  if (g.max_peers > 0 && next.size() > g.max_peers)
+    return Error(Errc::rejected, "refusing a set of " + std::to_string(next.size()) +
+                                     " peers, more than max_peers " + std::to_string(g.max_peers));
   if (g.max_removed_share < 1.0 && !current.empty()) {
     std::size_t removed = 0;
     for (const Peer& p : current)

@@ -76,10 +76,20 @@ public:
   virtual void cancel() noexcept = 0;
 };
 
+#ifndef DYNUP_MAX_RESPONSE_BYTES
+// A registry answer larger than this is refused, not buffered: a broken or hostile
+// endpoint must not make every watcher allocate without bound. 64 MiB holds a Consul
+// health answer of roughly 20 000 instances with their checks.
+#define DYNUP_MAX_RESPONSE_BYTES (64u * 1024u * 1024u)
+#endif
+
 /// Options of the default transport.
 struct HttpTransportOptions {
   std::chrono::milliseconds connect_timeout{2000};
   std::chrono::milliseconds write_timeout{5000};
+  /// Longest body send() buffers; a longer one fails with Errc::too_large. stream()
+  /// bodies are not buffered here (their decoder bounds each message).
+  std::size_t max_body_bytes = DYNUP_MAX_RESPONSE_BYTES;
 };
 
 /// The default Transport: cpp-httplib, plain HTTP, one keep-alive connection reused
@@ -87,7 +97,7 @@ struct HttpTransportOptions {
 class HttplibTransport final : public Transport {
 public:
   HttplibTransport(std::string host, std::uint16_t port, HttpTransportOptions options = {})
-      : client_(host, port) {
+      : client_(host, port), max_body_bytes_(options.max_body_bytes) {
     client_.set_keep_alive(true);
     // cpp-httplib writes a POST's head and body separately: with Nagle on, the body
     // waits for the server's delayed ACK (~40 ms), which delays every etcd watch.
@@ -163,15 +173,29 @@ private:
       r.body = req.body;
       if (!req.content_type.empty()) r.headers.emplace("Content-Type", req.content_type);
     }
+    std::string body;
+    bool oversized = false;
     if (on_body != nullptr) {
       r.content_receiver = [on_body](const char* data, std::size_t n, std::uint64_t, std::uint64_t) {
         return (*on_body)(std::string_view(data, n));
+      };
+    } else {
+      r.content_receiver = [&](const char* data, std::size_t n, std::uint64_t, std::uint64_t) {
+        if (n > max_body_bytes_ - body.size()) {
+          oversized = true; // stop reading; the connection is closed, not drained
+          return false;
+        }
+        body.append(data, n);
+        return true;
       };
     }
     httplib::Response res;
     httplib::Error err = httplib::Error::Success;
     bool ok = client_.send(r, res, err);
     if (canceled()) return Error(Errc::canceled, "transport canceled");
+    if (oversized)
+      return Error(Errc::too_large, std::string("HTTP ") + req.method + " " + req.target.substr(0, req.target.find('?')) +
+                                        ": the response body exceeds " + std::to_string(max_body_bytes_) + " bytes");
     if (!ok) {
       // A receiver that asked to stop ends the stream on purpose.
       if (on_body != nullptr && err == httplib::Error::Canceled) return head_of(res);
@@ -179,18 +203,20 @@ private:
       return Error(Errc::unavailable, std::string("HTTP ") + req.method + " " + req.target.substr(0, req.target.find('?')) +
                                           " failed: " + httplib::to_string(err));
     }
-    return head_of(res, on_body == nullptr);
+    HttpResponse out = head_of(res);
+    out.body = std::move(body);
+    return out;
   }
 
-  static HttpResponse head_of(httplib::Response& res, bool with_body = false) {
+  static HttpResponse head_of(const httplib::Response& res) {
     HttpResponse out;
     out.status = res.status;
     for (const auto& [k, v] : res.headers) out.headers.emplace_back(k, v);
-    if (with_body) out.body = std::move(res.body);
     return out;
   }
 
   httplib::Client client_;
+  std::size_t max_body_bytes_;
   std::mutex mu_;
   std::condition_variable idle_;
   bool canceled_ = false;  ///< guarded by mu_

@@ -1,0 +1,171 @@
+// The limits that keep a broken or hostile registry from making dynup allocate without
+// bound or forge log lines (docs/SECURITY.md): peers per set, label sizes, response size.
+#include <dynup/peer_set.hpp>
+#include <dynup/upstream_config.hpp>
+#include <dynup/watch/guard.hpp>
+#include <dynup/watch/transport.hpp>
+
+#include <support/text.hpp>
+
+#include <doctest/doctest.h>
+#include <httplib.h>
+
+#include <chrono>
+#include <string>
+#include <thread>
+#include <vector>
+
+using dynup::Errc;
+using dynup::Peer;
+using dynup::PeerSet;
+using dynup_test::contains;
+
+namespace {
+
+Peer peer(const std::string& host, std::uint16_t port = 80) {
+  Peer p;
+  p.host = host;
+  p.port = port;
+  return p;
+}
+
+std::vector<Peer> numbered(std::size_t n) {
+  std::vector<Peer> peers;
+  peers.reserve(n);
+  for (std::size_t i = 0; i < n; ++i)
+    peers.push_back(peer("10." + std::to_string(i >> 16 & 255) + "." + std::to_string(i >> 8 & 255) + "." +
+                         std::to_string(i & 255)));
+  return peers;
+}
+
+} // namespace
+
+TEST_CASE("limits: a set of more than DYNUP_MAX_PEERS peers is refused before any peer is validated") {
+  std::vector<Peer> peers(DYNUP_MAX_PEERS + 1, peer("10.0.0.1"));
+  auto r = PeerSet::make(std::move(peers));
+  REQUIRE_FALSE(r);
+  CHECK(r.error().code() == Errc::too_large);
+  CHECK(contains(r.error().message(), std::to_string(DYNUP_MAX_PEERS + 1) + " peers is more than"));
+}
+
+TEST_CASE("limits: zone, tags and meta beyond their limits name the peer and the field") {
+  Peer ok = peer("10.0.0.1");
+  ok.zone = std::string(DYNUP_MAX_LABEL_BYTES, 'z');
+  ok.tags.assign(DYNUP_MAX_PEER_LABELS, std::string(DYNUP_MAX_LABEL_BYTES, 't'));
+  for (int i = 0; i < DYNUP_MAX_PEER_LABELS; ++i)
+    ok.meta["k" + std::to_string(i)] = std::string(DYNUP_MAX_META_VALUE_BYTES, 'v');
+  CHECK(PeerSet::make({ok}).ok()); // exactly at every limit
+
+  auto refused = [](Peer p, const std::string& why) {
+    auto r = PeerSet::make({peer("10.0.0.9"), std::move(p)});
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code() == Errc::invalid_peer);
+    CHECK(contains(r.error().message(), "peers[1] \"10.0.0.2:80\": " + why));
+  };
+  Peer p = peer("10.0.0.2");
+  p.zone = std::string(DYNUP_MAX_LABEL_BYTES + 1, 'z');
+  refused(p, "zone is " + std::to_string(DYNUP_MAX_LABEL_BYTES + 1) + " bytes");
+  p = peer("10.0.0.2");
+  p.tags.assign(DYNUP_MAX_PEER_LABELS + 1, "t");
+  refused(p, std::to_string(DYNUP_MAX_PEER_LABELS + 1) + " tags");
+  p = peer("10.0.0.2");
+  p.tags = {"a", std::string(DYNUP_MAX_LABEL_BYTES + 1, 't')};
+  refused(p, "tags[1] is");
+  p = peer("10.0.0.2");
+  for (int i = 0; i <= DYNUP_MAX_PEER_LABELS; ++i) p.meta["k" + std::to_string(i)] = "v";
+  refused(p, std::to_string(DYNUP_MAX_PEER_LABELS + 1) + " meta entries");
+  p = peer("10.0.0.2");
+  p.meta[std::string(DYNUP_MAX_LABEL_BYTES + 1, 'k')] = "v";
+  refused(p, "a meta key is");
+  p = peer("10.0.0.2");
+  p.meta["k"] = std::string(DYNUP_MAX_META_VALUE_BYTES + 1, 'v');
+  refused(p, "a meta value is");
+}
+
+TEST_CASE("limits: an error names a peer without control characters and without its whole id") {
+  Peer p = peer("10.0.0.1");
+  p.id = "evil\n2026-11-26 [info] forged line\x1b[0m" + std::string(300, 'x');
+  auto r = PeerSet::make({p});
+  REQUIRE_FALSE(r);
+  const std::string& m = r.error().message();
+  for (unsigned char c : m) CHECK(c >= 0x20);
+  CHECK(contains(m, "evil?2026-11-26 [info] forged line?[0m"));
+  CHECK(contains(m, "...\": id is longer than 256 bytes"));
+  CHECK(m.size() < 200);
+}
+
+TEST_CASE("limits: guards.max_peers refuses a larger set, and the config checks it against min_peers") {
+  dynup::Guards g;
+  g.max_peers = 3;
+  auto three = PeerSet::make(numbered(3));
+  auto four = PeerSet::make(numbered(4));
+  REQUIRE(three);
+  REQUIRE(four);
+  CHECK(dynup::check_guards(g, PeerSet(), three.value()).ok());
+  auto r = dynup::check_guards(g, three.value(), four.value());
+  REQUIRE_FALSE(r);
+  CHECK(r.error().code() == Errc::rejected);
+  CHECK(contains(r.error().message(), "set of 4 peers, more than max_peers 3"));
+
+  nlohmann::json c = {{"name", "api"}, {"source", "push://"}, {"guards", {{"max_peers", 2}}}};
+  auto parsed = dynup::parse_upstream_config(c);
+  REQUIRE(parsed);
+  CHECK(parsed.value().watch.guards.max_peers == 2);
+  c["guards"] = {{"max_peers", 2}, {"min_peers", 3}};
+  auto bad = dynup::parse_upstream_config(c);
+  REQUIRE_FALSE(bad);
+  CHECK(contains(bad.error().message(), "upstream.guards: min_peers 3 is more than max_peers 2"));
+  c["guards"] = {{"max_peers", DYNUP_MAX_PEERS + 1}};
+  bad = dynup::parse_upstream_config(c);
+  REQUIRE_FALSE(bad);
+  CHECK(contains(bad.error().message(), "upstream.guards.max_peers"));
+}
+
+TEST_CASE("limits: the HTTP transport refuses a body past max_body_bytes and keeps working") {
+  httplib::Server server;
+  server.Get("/big", [](const httplib::Request&, httplib::Response& r) {
+    r.set_content(std::string(200000, 'x'), "application/json");
+  });
+  server.Get("/small", [](const httplib::Request&, httplib::Response& r) { r.set_content("[]", "application/json"); });
+  server.Get("/chunked", [](const httplib::Request&, httplib::Response& r) {
+    r.set_chunked_content_provider("application/json", [](std::size_t offset, httplib::DataSink& sink) {
+      if (offset >= 300000) {
+        sink.done();
+        return true;
+      }
+      std::string piece(10000, 'y');
+      return sink.write(piece.data(), piece.size());
+    });
+  });
+  int port = server.bind_to_any_port("127.0.0.1");
+  REQUIRE(port > 0);
+  std::thread serving([&] { server.listen_after_bind(); });
+
+  dynup::HttpTransportOptions options;
+  options.max_body_bytes = 100000;
+  dynup::HttplibTransport t("127.0.0.1", static_cast<std::uint16_t>(port), options);
+  dynup::HttpRequest req;
+  req.method = "GET";
+  req.read_timeout = std::chrono::milliseconds(5000);
+  for (const char* path : {"/big", "/chunked"}) {
+    req.target = std::string(path) + "?token=secret";
+    auto r = t.send(req);
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code() == Errc::too_large);
+    CHECK(contains(r.error().message(), std::string("GET ") + path + ": the response body exceeds 100000 bytes"));
+    CHECK_FALSE(contains(r.error().message(), "secret"));
+    req.target = "/small"; // the transport still works after refusing
+    auto small = t.send(req);
+    REQUIRE(small);
+    CHECK(small.value().status == 200);
+    CHECK(small.value().body == "[]");
+  }
+  options.max_body_bytes = 200000; // exactly the body: accepted
+  dynup::HttplibTransport exact("127.0.0.1", static_cast<std::uint16_t>(port), options);
+  req.target = "/big";
+  auto r = exact.send(req);
+  REQUIRE(r);
+  CHECK(r.value().body.size() == 200000);
+  server.stop();
+  serving.join();
+}
