@@ -228,7 +228,7 @@ public:
                                             ", which would overwrite a pushed set; only push:// upstreams take pushes");
       r = pusher->push(std::move(set));
     }
-    if (r && r->changed) rebuild();
+    if (r && r->changed) rebuild(/*only_new_set=*/true); // the rebuild thread, woken too, may have built it
     if (!r) return r.error().with_context("upstream " + config_.name);
     return r;
   }
@@ -422,10 +422,13 @@ private:
 
   // Builds and publishes the table for the current set and health. The rebuild thread
   // (or refresh(), or start() before the thread exists): never two at once.
-  void rebuild() {
+  // With `only_new_set`, nothing is built when the table already holds the current set
+  // (a push is built by push() and by the rebuild thread its publish woke: once is enough).
+  void rebuild(bool only_new_set = false) {
     std::lock_guard<std::mutex> build_lock(build_mu_);
     Snapshot set = publisher_.current();
     auto previous = tables_.load();
+    if (only_new_set && previous->set == set) return;
     auto t = std::make_shared<detail::UpstreamTable>();
     t->set = set;
     if (previous->set == set && previous->health.size() == set->size()) {
@@ -496,12 +499,14 @@ private:
       else
         cv_.wait(lock, ready);
       if (stopping_) break;
-      if (!set_changed_ && !health_changed_ && !(change_at && steady::now() >= *change_at)) continue; // a sweep
+      const bool due = change_at && steady::now() >= *change_at;
+      if (!set_changed_ && !health_changed_ && !due) continue; // a sweep
+      const bool only_new_set = !health_changed_ && !due;
       set_changed_ = false;
       health_changed_ = false;
-      next_change_.reset();
+      if (!only_new_set) next_change_.reset(); // a skipped rebuild keeps the pending change
       lock.unlock();
-      rebuild();
+      rebuild(only_new_set);
       lock.lock();
     }
   }

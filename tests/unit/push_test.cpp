@@ -12,10 +12,12 @@
 
 #include <sys/stat.h>
 
+#include <chrono>
 #include <fstream>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 
 using dynup::Errc;
 using dynup::Upstream;
@@ -165,4 +167,23 @@ TEST_CASE("push://: a snapshot that cannot be written still serves the push and 
   CHECK_FALSE(r->persist_error.empty());
   CHECK(up->peer_count() == 2);
   CHECK(contains(up->status()["watcher"]["last_error"].get<std::string>(), "served but not saved"));
+}
+
+TEST_CASE("push://: each accepted push builds one routing table, not one per thread that heard of it") {
+  auto up = start(json{{"name", "api"}, {"source", "push://"}});
+  const auto built = [&] { return up->status()["tables_built"].get<std::uint64_t>(); };
+  const std::uint64_t before = built();
+  for (int i = 0; i < 20; ++i) {
+    auto r = up->push(set_of(i % 2 == 0 ? two : one));
+    REQUIRE_MESSAGE(r.ok(), r.error().message());
+    CHECK(up->pick()); // served from the table push() built
+  }
+  // The rebuild thread was woken by each publish; give it time to (not) build again.
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  CHECK(built() == before + 20);
+  auto same = up->push(set_of(one)); // unchanged: nothing to build
+  REQUIRE(same.ok());
+  CHECK_FALSE(same->changed);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  CHECK(built() == before + 20);
 }

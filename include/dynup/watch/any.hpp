@@ -82,6 +82,27 @@ inline std::string join_names(const std::vector<const char*>& names) {
   return out;
 }
 
+// The names of the registry fetch options (those only consul:// and etcd:// use) and the
+// file polling options that `o` sets away from their defaults.
+inline std::vector<const char*> fetch_options_set(const AnyWatchOptions& o) {
+  const WatchOptions defaults;
+  std::vector<const char*> set;
+  if (o.strong_dependency) set.push_back("strong_dependency");
+  if (o.wait != defaults.wait) set.push_back("wait");
+  if (o.backoff_base != defaults.backoff_base) set.push_back("backoff_base");
+  if (o.backoff_cap != defaults.backoff_cap) set.push_back("backoff_cap");
+  if (o.min_interval != defaults.min_interval) set.push_back("min_interval");
+  if (o.burst != defaults.burst) set.push_back("burst");
+  return set;
+}
+inline std::vector<const char*> file_options_set(const AnyWatchOptions& o) {
+  const FileWatchOptions defaults;
+  std::vector<const char*> set;
+  if (o.poll_interval != defaults.poll_interval) set.push_back("poll_interval");
+  if (o.settle != defaults.settle) set.push_back("settle");
+  return set;
+}
+
 // Parses `spec` with its scheme's own parser (so errors are the source's, and a Consul
 // token is never quoted) and checks that every set option applies to that scheme.
 inline Result<PreparedSource> prepare_source(std::string_view spec, const AnyWatchOptions& o) {
@@ -90,9 +111,7 @@ inline Result<PreparedSource> prepare_source(std::string_view spec, const AnyWat
   std::string_view scheme = colon == std::string_view::npos ? std::string_view() : spec.substr(0, colon);
 
   if (scheme == "consul" || scheme == "etcd") {
-    std::vector<const char*> file_only;
-    if (o.poll_interval != FileWatchOptions{}.poll_interval) file_only.push_back("poll_interval");
-    if (o.settle != FileWatchOptions{}.settle) file_only.push_back("settle");
+    const std::vector<const char*> file_only = file_options_set(o);
     auto reject = [&](const std::string& described) {
       return Error(Errc::invalid_argument, "source \"" + described + "\": " + join_names(file_only) +
                                                " apply to file:// sources only; leave them at their defaults");
@@ -114,15 +133,8 @@ inline Result<PreparedSource> prepare_source(std::string_view spec, const AnyWat
     if (!parsed) return parsed.error();
     std::string where = "source \"file://" + parsed->path + "\": ";
     // FileWatcher reads the file itself and keeps no snapshot; these would be dropped.
-    const WatchOptions defaults;
-    std::vector<const char*> registry_only;
-    if (!o.snapshot_path.empty()) registry_only.push_back("snapshot_path");
-    if (o.strong_dependency) registry_only.push_back("strong_dependency");
-    if (o.wait != defaults.wait) registry_only.push_back("wait");
-    if (o.backoff_base != defaults.backoff_base) registry_only.push_back("backoff_base");
-    if (o.backoff_cap != defaults.backoff_cap) registry_only.push_back("backoff_cap");
-    if (o.min_interval != defaults.min_interval) registry_only.push_back("min_interval");
-    if (o.burst != defaults.burst) registry_only.push_back("burst");
+    std::vector<const char*> registry_only = fetch_options_set(o);
+    if (!o.snapshot_path.empty()) registry_only.insert(registry_only.begin(), "snapshot_path");
     if (!registry_only.empty())
       return Error(Errc::invalid_argument, where + "a file watcher cannot honour " + join_names(registry_only) +
                                                " (consul:// and etcd:// only); leave them at their defaults");
@@ -144,16 +156,8 @@ inline Result<PreparedSource> prepare_source(std::string_view spec, const AnyWat
     if (spec != "push://")
       return Error(Errc::invalid_argument, "source \"" + redact_spec_text(spec) +
                                                "\": a push source is exactly \"push://\" (its sets come from push())");
-    const AnyWatchOptions defaults;
-    std::vector<const char*> unusable;
-    if (o.strong_dependency) unusable.push_back("strong_dependency");
-    if (o.wait != defaults.wait) unusable.push_back("wait");
-    if (o.backoff_base != defaults.backoff_base) unusable.push_back("backoff_base");
-    if (o.backoff_cap != defaults.backoff_cap) unusable.push_back("backoff_cap");
-    if (o.min_interval != defaults.min_interval) unusable.push_back("min_interval");
-    if (o.burst != defaults.burst) unusable.push_back("burst");
-    if (o.poll_interval != defaults.poll_interval) unusable.push_back("poll_interval");
-    if (o.settle != defaults.settle) unusable.push_back("settle");
+    std::vector<const char*> unusable = fetch_options_set(o);
+    for (const char* name : file_options_set(o)) unusable.push_back(name);
     if (!unusable.empty())
       return Error(Errc::invalid_argument, "source \"push://\": nothing is fetched, so " + join_names(unusable) +
                                                " do not apply; leave them at their defaults");
