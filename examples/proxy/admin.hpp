@@ -6,8 +6,9 @@
 //   GET  /metrics                     Prometheus text format 0.0.4
 //   GET  /healthz                     200 "ok", 503 while draining
 //
-// With a token configured, the PUT needs `Authorization: Bearer <token>`; reads are open
-// (the listener is loopback unless a token is set: proxy_config.hpp).
+// The PUT needs `Authorization: Bearer <token>`; without a configured token it is refused
+// (403) unless admin.writes_without_token is set. Reads are open (the listener is loopback
+// unless a token is set: proxy_config.hpp).
 #pragma once
 
 #include "proxy.hpp"
@@ -69,6 +70,11 @@ inline void Proxy::configure_admin_server() {
 
   admin_.Put(R"(/upstreams/([^/]+)/peers)", [this](const httplib::Request& req, httplib::Response& res) {
     const std::string name = req.matches[1].str();
+    if (config_.admin.token.empty() && !config_.admin.writes_without_token) {
+      log_("admin: refused PUT /upstreams/" + name + "/peers from " + req.remote_addr + ": writes are off");
+      return json_error(res, 403, "writes are off: set admin.token_env or admin.token_file (or, for a loopback-only "
+                                  "test setup, admin.writes_without_token)");
+    }
     if (!config_.admin.token.empty()) {
       const std::string auth = req.get_header_value("Authorization");
       static constexpr std::string_view scheme = "Bearer ";

@@ -478,7 +478,25 @@ private:
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
     char line[64];
     std::snprintf(line, sizeof line, " %d %.3fms", status, ms);
-    log_(req.remote_addr + " \"" + req.method + " " + req.path + "\" " + upstream + " " + peer + line);
+    log_(req.remote_addr + " \"" + log_escape(req.method) + " " + log_escape(req.path) + "\" " + upstream + " " +
+         peer + line);
+  }
+
+  // As nginx escapes its access log: '"', '\\', control bytes and bytes >= 0x7f become
+  // \xHH, so a request path (already percent-decoded: %0A is a newline) cannot forge lines.
+  static std::string log_escape(const std::string& text) {
+    std::string out;
+    out.reserve(text.size());
+    for (unsigned char c : text) {
+      if (c < 0x20 || c >= 0x7f || c == '"' || c == '\\') {
+        char hex[5];
+        std::snprintf(hex, sizeof hex, "\\x%02X", c);
+        out += hex;
+      } else {
+        out += static_cast<char>(c);
+      }
+    }
+    return out;
   }
 
   void configure_proxy_server() {
@@ -491,12 +509,15 @@ private:
     server_.set_read_timeout(60, 0);
     server_.set_write_timeout(60, 0);
     auto handler = [this](const httplib::Request& req, httplib::Response& res) { forward(req, res); };
-    server_.Get(".*", handler); // GET and HEAD
-    server_.Post(".*", handler);
-    server_.Put(".*", handler);
-    server_.Patch(".*", handler);
-    server_.Delete(".*", handler);
-    server_.Options(".*", handler);
+    // Every path: cpp-httplib matches the percent-decoded path, and "." stops at a
+    // decoded newline (%0A), which would turn such a request into cpp-httplib's 404.
+    const char* any = R"([\s\S]*)";
+    server_.Get(any, handler); // GET and HEAD
+    server_.Post(any, handler);
+    server_.Put(any, handler);
+    server_.Patch(any, handler);
+    server_.Delete(any, handler);
+    server_.Options(any, handler);
     const std::size_t limit = config_.limits.max_request_body_bytes;
     server_.set_error_handler([limit](const httplib::Request&, httplib::Response& res) {
       if (res.status == 413)

@@ -53,7 +53,10 @@ struct Limits {
 struct AdminConfig {
   bool enabled = true;
   Listen listen{"127.0.0.1", 9901};
-  std::string token; ///< from token_env or token_file, never from the config itself; empty: writes are open
+  std::string token; ///< from token_env or token_file, never from the config itself; empty: writes are refused
+  /// Without a token, PUTs are refused unless this is set (a loopback listener only):
+  /// any local process could otherwise redirect the proxy's traffic.
+  bool writes_without_token = false;
   std::string token_source; ///< where the token came from ("env DYNUP_ADMIN_TOKEN"), for messages
 };
 
@@ -150,11 +153,12 @@ inline Result<ProxyConfig> parse_proxy_config(const nlohmann::json& doc) {
     if (a->is_boolean()) {
       c.admin.enabled = a->get<bool>();
     } else {
-      ConfigReader admin(*a, top.at("admin"), error, {"listen", "token_env", "token_file"});
+      ConfigReader admin(*a, top.at("admin"), error, {"listen", "token_env", "token_file", "writes_without_token"});
       std::string alisten = c.admin.listen.text(), env, file;
       admin.text("listen", alisten);
       admin.text("token_env", env);
       admin.text("token_file", file);
+      admin.flag("writes_without_token", c.admin.writes_without_token);
       if (error) return *error;
       auto al = detail::parse_listen(alisten, admin.at("listen"));
       if (!al) return al.error();
@@ -168,6 +172,8 @@ inline Result<ProxyConfig> parse_proxy_config(const nlohmann::json& doc) {
     return Error(Errc::invalid_argument, "proxy.admin.listen: " + c.admin.listen.text() +
                                              " is not loopback, and the admin API can replace peers: set "
                                              "token_env or token_file, or listen on 127.0.0.1");
+  if (c.admin.enabled && c.admin.writes_without_token && !c.admin.token.empty())
+    return Error(Errc::invalid_argument, "proxy.admin.writes_without_token: a token is set as well; use one or the other");
   if (c.admin.enabled && c.admin.listen.host == c.listen.host && c.admin.listen.port == c.listen.port &&
       c.listen.port != 0)
     return Error(Errc::invalid_argument, "proxy.admin.listen: the same address as proxy.listen");

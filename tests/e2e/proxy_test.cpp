@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <chrono>
 #include <cstdlib>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -75,10 +76,11 @@ public:
     server_.set_keep_alive_max_count(100000);
     server_.set_keep_alive_timeout(30);
     auto handler = [this](const httplib::Request& req, httplib::Response& res) { answer(req, res); };
-    server_.Get(".*", handler);
-    server_.Post(".*", handler);
-    server_.Put(".*", handler);
-    server_.Delete(".*", handler);
+    const char* any = R"([\s\S]*)"; // "." would not match a decoded %0A
+    server_.Get(any, handler);
+    server_.Post(any, handler);
+    server_.Put(any, handler);
+    server_.Delete(any, handler);
     port_ = server_.bind_to_any_port("127.0.0.1");
     if (port_ <= 0) throw std::runtime_error("backend " + name_ + ": cannot bind a loopback port");
     thread_ = std::thread([this] { server_.listen_after_bind(); });
@@ -568,6 +570,23 @@ TEST_CASE("proxy: routes by host, then the longest prefix, and follows weights e
   CHECK(count_of(counts, "a1") == 0);
 }
 
+TEST_CASE("proxy: the access log escapes what a client sends, so it cannot forge lines") {
+  Backend a("a");
+  TempDir dir;
+  const std::string peers = dir.file("peers.json");
+  write_by_rename(peers, peers_doc({peer(a)}));
+  json config = proxy_config(json::array({file_upstream("svc", peers)}));
+  config["access_log"] = true;
+  RunningProxy proxy(write_config(dir, config));
+  // cpp-httplib percent-decodes the path: %0A is a newline, %22 a quote, %5C a backslash.
+  Reply r = get(proxy.port(), "/x%0A127.0.0.1%20%22GET%20/forged%22%5C%7F%C3%A9");
+  CHECK(r.status == 200); // forwarded: the proxy matches a path with a decoded newline
+  CHECK(r.header("X-Backend") == "a");
+  const std::string log = proxy.log();
+  CHECK(contains(log, R"("GET /x\x0A127.0.0.1 \x22GET /forged\x22\x5C\x7F\xC3\xA9" svc )"));
+  CHECK_FALSE(contains(log, "\n127.0.0.1 \"GET /forged"));
+}
+
 TEST_CASE("proxy: a rewritten peer file moves traffic without a restart") {
   Backend a("a"), b("b"), c("c");
   TempDir dir;
@@ -612,6 +631,7 @@ TEST_CASE("proxy: PUT replaces a push upstream's peers, and a refused PUT change
   json config = proxy_config(json::array({push_upstream("pushed"), file_upstream("filed", dir.file("file.json"))}),
                              json::array({route("", "/push", "pushed"), route("", "/", "filed")}));
   config["limits"]["max_push_peers"] = 3;
+  config["admin"]["writes_without_token"] = true;
   RunningProxy proxy(write_config(dir, config));
   const int admin = proxy.admin_port();
 
@@ -734,12 +754,26 @@ TEST_CASE("proxy: with an admin token a PUT needs it, reads stay open, and the t
   CHECK_FALSE(contains(log, token.substr(0, token.size() - 1)));
 }
 
+TEST_CASE("proxy: without a token, writes are off and a PUT changes nothing") {
+  Backend p1("p1");
+  TempDir dir;
+  RunningProxy proxy(write_config(dir, proxy_config(json::array({push_upstream("pushed")}))));
+  Reply r = put(proxy.admin_port(), "/upstreams/pushed/peers", peers_doc({peer(p1)}));
+  CHECK(r.status == 403);
+  CHECK(contains(r.body, "writes are off: set admin.token_env or admin.token_file"));
+  CHECK(proxy.status("pushed")["peers"].empty());
+  CHECK(get(proxy.port(), "/").status == 503);
+  CHECK(contains(proxy.log(), "refused PUT /upstreams/pushed/peers from 127.0.0.1: writes are off"));
+}
+
 TEST_CASE("proxy: a pushed set saved to snapshot_path is served again after a restart") {
   Backend p1("p1"), p2("p2");
   TempDir dir;
   json up = push_upstream("pushed");
   up["snapshot_path"] = dir.file("pushed.snap");
-  const std::string config = write_config(dir, proxy_config(json::array({up})));
+  json doc = proxy_config(json::array({up}));
+  doc["admin"]["writes_without_token"] = true;
+  const std::string config = write_config(dir, doc);
   std::uint64_t pushed_index = 0; // the push count, which the snapshot carries over
   {
     RunningProxy proxy(config);
@@ -1031,6 +1065,12 @@ TEST_CASE("proxy: --check accepts a valid config and names the JSON path of a ba
   open_admin["admin"]["listen"] = "0.0.0.0:0";
   json unset_token = proxy_config(json::array({up}));
   unset_token["admin"]["token_env"] = "DYNUP_PROXY_TEST_UNSET_VARIABLE";
+  json both = proxy_config(json::array({up}));
+  {
+    std::ofstream(dir.file("token")) << "tok-4f1c2a9e7b3d5e60\n";
+  }
+  both["admin"]["token_file"] = dir.file("token");
+  both["admin"]["writes_without_token"] = true;
   json retries = proxy_config(json::array({up}));
   retries["limits"]["retries"] = 17;
   json policy = proxy_config(json::array({up}));
@@ -1040,6 +1080,7 @@ TEST_CASE("proxy: --check accepts a valid config and names the JSON path of a ba
       {"a route to an unknown upstream", unknown_route, {"proxy.routes[0].upstream", "no upstream is named \"nope\""}},
       {"an admin listener off loopback without a token", open_admin, {"proxy.admin.listen", "not loopback"}},
       {"a token variable that is not set", unset_token, {"proxy.admin.token_env", "DYNUP_PROXY_TEST_UNSET_VARIABLE"}},
+      {"writes_without_token beside a token", both, {"proxy.admin.writes_without_token", "one or the other"}},
       {"retries out of range", retries, {"proxy.limits.retries", "17"}},
       {"an unknown policy", policy, {"proxy.upstreams[0]", "rr"}},
       {"a prefix without a slash", prefix, {"proxy.routes[0].prefix", "must start with /"}},
