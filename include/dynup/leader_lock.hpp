@@ -40,13 +40,20 @@ inline Result<void> check_shared_name(const std::string& name) {
 }
 
 /// Opens (creating with mode 0600) a regular file owned by this user, refusing symbolic
-/// links: these files live in world-writable directories such as /dev/shm.
+/// links: these files live in world-writable directories such as /dev/shm. A file that
+/// exists when we try to create it but is gone when we open it (its last user removed
+/// it in between) is created again.
 inline Result<int> open_private_file(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
-  if (fd >= 0) {
-    ::fchmod(fd, 0600); // the umask may only have narrowed it; this is the intended mode
-  } else if (errno == EEXIST) {
+  int fd = -1;
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd >= 0) {
+      ::fchmod(fd, 0600); // the umask may only have narrowed it; this is the intended mode
+      break;
+    }
+    if (errno != EEXIST) break;
     fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    if (fd >= 0 || errno != ENOENT) break;
   }
   if (fd < 0) {
     int err = errno;
