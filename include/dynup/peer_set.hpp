@@ -2,6 +2,7 @@
 #pragma once
 
 #include <dynup/detail/hash.hpp>
+#include <dynup/detail/utf8.hpp>
 #include <dynup/peer.hpp>
 #include <dynup/result.hpp>
 #include <dynup/version.hpp>
@@ -39,32 +40,39 @@ class Publisher;
 
 namespace detail {
 /// Why an id is unacceptable, or nullptr. Control characters would let a registry
-/// entry forge log lines.
+/// entry forge log lines. The id leaves dynup as JSON (status, snapshot file, shared
+/// region), where bytes that are not UTF-8 become U+FFFD: another id, maybe a duplicate.
 inline const char* bad_id(const std::string& id) noexcept {
   if (id.empty()) return "id is empty";
   if (id.size() > 256) return "id is longer than 256 bytes";
   for (unsigned char c : id)
     if (c < 0x20 || c == 0x7f) return "id contains a control character";
+  if (!is_utf8(id)) return "id is not UTF-8";
   return nullptr;
 }
 
-/// Why a peer's zone, tags or meta exceed the limits above, or an empty string.
-inline std::string oversized_labels(const Peer& p) {
-  auto too_long = [](const std::string& what, std::size_t n, std::size_t max) {
-    return what + " is " + std::to_string(n) + " bytes, longer than " + std::to_string(max);
+/// Why a peer's zone, tags or meta exceed the limits above or are not UTF-8 (so would
+/// not read back the same from JSON, and a follower would select other peers by tag
+/// than its leader), or an empty string.
+inline std::string bad_labels(const Peer& p) {
+  auto check = [](const std::string& what, const std::string& text, std::size_t max) -> std::string {
+    if (text.size() > max)
+      return what + " is " + std::to_string(text.size()) + " bytes, longer than " + std::to_string(max);
+    if (!is_utf8(text)) return what + " is not UTF-8";
+    return {};
   };
-  if (p.zone.size() > DYNUP_MAX_LABEL_BYTES) return too_long("zone", p.zone.size(), DYNUP_MAX_LABEL_BYTES);
+  if (auto why = check("zone", p.zone, DYNUP_MAX_LABEL_BYTES); !why.empty()) return why;
   if (p.tags.size() > DYNUP_MAX_PEER_LABELS)
     return std::to_string(p.tags.size()) + " tags, more than " + std::to_string(DYNUP_MAX_PEER_LABELS);
   for (std::size_t i = 0; i < p.tags.size(); ++i)
-    if (p.tags[i].size() > DYNUP_MAX_LABEL_BYTES)
-      return too_long("tags[" + std::to_string(i) + "]", p.tags[i].size(), DYNUP_MAX_LABEL_BYTES);
+    if (auto why = check("tags[" + std::to_string(i) + "]", p.tags[i], DYNUP_MAX_LABEL_BYTES); !why.empty())
+      return why;
   if (p.meta.size() > DYNUP_MAX_PEER_LABELS)
     return std::to_string(p.meta.size()) + " meta entries, more than " + std::to_string(DYNUP_MAX_PEER_LABELS);
   for (const auto& [k, v] : p.meta) {
-    if (k.size() > DYNUP_MAX_LABEL_BYTES) return too_long("a meta key", k.size(), DYNUP_MAX_LABEL_BYTES);
-    if (v.size() > DYNUP_MAX_META_VALUE_BYTES)
-      return too_long("a meta value", v.size(), DYNUP_MAX_META_VALUE_BYTES);
+    if (auto why = check("a meta key", k, DYNUP_MAX_LABEL_BYTES); !why.empty()) return why;
+    if (auto why = check("a meta value", v, DYNUP_MAX_META_VALUE_BYTES); !why.empty())
+      return why;
   }
   return {};
 }
@@ -138,7 +146,7 @@ public:
         fail(i, p, why);
         bad = true;
       }
-      if (std::string why = detail::oversized_labels(p); !why.empty()) {
+      if (std::string why = detail::bad_labels(p); !why.empty()) {
         fail(i, p, why);
         bad = true;
       }

@@ -1,5 +1,6 @@
 // The limits that keep a broken or hostile registry from making dynup allocate without
 // bound or forge log lines (docs/SECURITY.md): peers per set, label sizes, response size.
+#include <dynup/peer_json.hpp>
 #include <dynup/peer_set.hpp>
 #include <dynup/upstream_config.hpp>
 #include <dynup/watch/guard.hpp>
@@ -80,6 +81,46 @@ TEST_CASE("limits: zone, tags and meta beyond their limits name the peer and the
   p = peer("10.0.0.2");
   p.meta["k"] = std::string(DYNUP_MAX_META_VALUE_BYTES + 1, 'v');
   refused(p, "a meta value is");
+}
+
+TEST_CASE("limits: an id or label that is not UTF-8 is refused, whatever the source") {
+  // JSON writes such bytes as U+FFFD, so the set would not read back from the status, the
+  // snapshot file or the shared region as itself (two ids could even become one).
+  auto refused = [](Peer p, const std::string& why) {
+    auto r = PeerSet::make({peer("10.0.0.9"), std::move(p)});
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code() == Errc::invalid_peer);
+    CHECK_MESSAGE(contains(r.error().message(), why), r.error().message());
+  };
+  Peer p = peer("10.0.0.2");
+  p.id = "web-\xff";
+  refused(p, "id is not UTF-8");
+  p = peer("10.0.0.2");
+  p.id = "web-\xed\xa0\x80"; // an encoded surrogate
+  refused(p, "id is not UTF-8");
+  p = peer("10.0.0.2");
+  p.zone = "eu-\xc3";
+  refused(p, "zone is not UTF-8");
+  p = peer("10.0.0.2");
+  p.tags = {"ok", "\xc0\xaf"}; // an overlong '/'
+  refused(p, "tags[1] is not UTF-8");
+  p = peer("10.0.0.2");
+  p.meta["\xfe"] = "v";
+  refused(p, "a meta key is not UTF-8");
+  p = peer("10.0.0.2");
+  p.meta["k"] = "\xf4\x90\x80\x80"; // above U+10FFFF
+  refused(p, "a meta value is not UTF-8");
+
+  p = peer("10.0.0.2");
+  p.id = "web-\xc3\xa9";
+  p.zone = "z\xe2\x82\xac";
+  p.tags = {"\xf0\x9f\x98\x80"};
+  p.meta["cl\xc3\xa9"] = "v\xc3\xa9";
+  auto ok = PeerSet::make({p});
+  REQUIRE_MESSAGE(ok, ok.error().message());
+  auto back = dynup::parse_peer_set(dynup::to_json(*ok));
+  REQUIRE_MESSAGE(back, back.error().message());
+  CHECK(back->same_content(*ok));
 }
 
 TEST_CASE("limits: an error names a peer without control characters and without its whole id") {

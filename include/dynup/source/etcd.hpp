@@ -28,7 +28,6 @@
 
 #include <dynup/detail/base64.hpp>
 #include <dynup/detail/json_stream.hpp>
-#include <dynup/detail/utf8.hpp>
 #include <dynup/peer.hpp>
 #include <dynup/peer_json.hpp>
 #include <dynup/peer_set.hpp>
@@ -478,9 +477,6 @@ public:
     if (!host) return bad(host.error().message());
     p.host = std::move(host).value();
     if (p.id.empty()) p.id = key.size() > key_.size() ? key.substr(key_.size()) : host_port(p.host, p.port);
-    // Key names are any bytes, but the id leaves in JSON (status, snapshot file, shared
-    // region), where bytes that are not UTF-8 become U+FFFD: another id, maybe a duplicate.
-    if (!detail::is_utf8(p.id)) return bad("the key name is not UTF-8 (set \"id\" in the value)");
     if (const char* why = detail::bad_id(p.id)) return bad(std::string("peer ") + why + " (set \"id\" in the value)");
     std::sort(p.tags.begin(), p.tags.end());
     p.tags.erase(std::unique(p.tags.begin(), p.tags.end()), p.tags.end());
