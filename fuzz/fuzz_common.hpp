@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -32,6 +33,18 @@ namespace dynup_fuzz {
 /// Input bytes as text.
 inline std::string_view text_of(const std::uint8_t* data, std::size_t size) {
   return {reinterpret_cast<const char*>(data), size};
+}
+
+/// An input's first byte, which selects what a target exercises, and the rest.
+struct Selected {
+  unsigned char selector;
+  std::string_view rest;
+};
+
+/// Splits an input into its selector byte and the rest; nothing for an empty input.
+inline std::optional<Selected> split_selector(const std::uint8_t* data, std::size_t size) {
+  if (size == 0) return std::nullopt;
+  return Selected{data[0], text_of(data + 1, size - 1)};
 }
 
 inline bool contains(std::string_view haystack, std::string_view needle) {

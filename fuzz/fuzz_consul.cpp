@@ -50,10 +50,10 @@ std::uint64_t expected_index(const std::string* header) {
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   using dynup::ConsulSource;
   using dynup::Errc;
-  std::string_view in = dynup_fuzz::text_of(data, size);
-  if (in.empty()) return 0;
-  const auto selector = static_cast<unsigned char>(in.front());
-  in.remove_prefix(1);
+  const auto input = dynup_fuzz::split_selector(data, size);
+  if (!input) return 0;
+  const unsigned char selector = input->selector;
+  std::string_view in = input->rest;
 
   static constexpr const char* paths[] = {"/health/api",
                                           "/catalog/api",

@@ -168,10 +168,10 @@ void watch_stream(std::string_view in) {
 } // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  std::string_view in = dynup_fuzz::text_of(data, size);
-  if (in.empty()) return 0;
-  const auto selector = static_cast<unsigned char>(in.front());
-  in.remove_prefix(1);
+  const auto input = dynup_fuzz::split_selector(data, size);
+  if (!input) return 0;
+  const unsigned char selector = input->selector;
+  std::string_view in = input->rest;
   static constexpr int statuses[] = {200, 200, 404, 500};
   switch (selector % 4) {
   case 0: watch_message(in); break;

@@ -90,10 +90,10 @@ void health_options(std::string_view text) {
 } // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  std::string_view in = dynup_fuzz::text_of(data, size);
-  if (in.empty()) return 0;
-  const auto selector = static_cast<unsigned char>(in.front());
-  in.remove_prefix(1);
+  const auto input = dynup_fuzz::split_selector(data, size);
+  if (!input) return 0;
+  const unsigned char selector = input->selector;
+  std::string_view in = input->rest;
   switch (selector % 3) {
   case 0: peer_set(in); break;
   case 1: upstream_config(in); break;

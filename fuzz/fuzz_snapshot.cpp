@@ -38,10 +38,10 @@ void check_refused(std::string_view data, const char* what) {
 } // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  std::string_view in = dynup_fuzz::text_of(data, size);
-  if (in.empty()) return 0;
-  const auto selector = static_cast<unsigned char>(in.front());
-  in.remove_prefix(1);
+  const auto input = dynup_fuzz::split_selector(data, size);
+  if (!input) return 0;
+  const unsigned char selector = input->selector;
+  std::string_view in = input->rest;
   const bool fixed_header = selector % 2 == 1;
   const std::string file = fixed_header ? with_header(in) : std::string(in);
 
