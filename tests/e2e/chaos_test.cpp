@@ -11,6 +11,7 @@
 #include <support/module_nginx.hpp>
 #endif
 #include <support/process.hpp>
+#include <support/proxy.hpp>
 #include <support/temp_dir.hpp>
 #include <support/text.hpp>
 #include <support/wait.hpp>
@@ -31,10 +32,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#ifndef DYNUP_PROXY_BIN
-#error "DYNUP_PROXY_BIN must name the dynup-proxy binary (tests/CMakeLists.txt defines it)"
-#endif
 
 namespace {
 
@@ -296,45 +293,26 @@ TEST_CASE("chaos: dynup-proxy under wrk while the registry double flaps fails no
                     {"admin", {{"listen", "127.0.0.1:0"}}},
                     {"upstreams", json::array({upstream})}};
   dynup_test::write_by_rename(dir.file("proxy.json"), config.dump(2));
-  Process proxy({DYNUP_PROXY_BIN, "--config", dir.file("proxy.json")});
-  std::string log;
-  int port = -1, admin = -1;
-  const auto launched = steady::now();
-  while (port < 0 && steady::now() - launched < 10s) {
-    auto line = proxy.read_line(Stream::err, 10000ms);
-    if (!line) break;
-    log += *line + "\n";
-    const std::string listening = "proxy listening on port ", admin_on = "admin on port ";
-    if (auto at = line->find(listening); at != std::string::npos) {
-      port = std::stoi(line->substr(at + listening.size()));
-      if (auto a = line->find(admin_on); a != std::string::npos) admin = std::stoi(line->substr(a + admin_on.size()));
-    }
-  }
-  REQUIRE_MESSAGE(port > 0, "dynup-proxy did not say it was listening; its stderr:\n" << log);
-  REQUIRE_MESSAGE(admin > 0, log);
+  dynup_test::RunningProxy proxy(dir.file("proxy.json"));
+  const int port = proxy.port(), admin = proxy.admin_port();
+  REQUIRE_MESSAGE(admin > 0, proxy.log());
 
   const Statuses statuses = [&] {
-    httplib::Client cli("127.0.0.1", admin);
-    cli.set_keep_alive(false);
-    cli.set_connection_timeout(2, 0);
-    cli.set_read_timeout(5, 0);
-    auto res = cli.Get((std::string("/upstreams/") + service).c_str());
     std::vector<json> out;
-    if (res && res->status == 200) out.push_back(json::parse(res->body, nullptr, false));
-    if (!out.empty() && !out[0].is_object()) out.clear();
+    if (json st = proxy.try_status(service); st.is_object()) out.push_back(std::move(st));
     return out;
   };
   // Its stderr is a pipe: read it as it comes, or a chatty watcher would block on it.
-  const std::function<void()> drain = [&] { log += proxy.read_all(Stream::err, 1ms); };
+  const std::function<void()> drain = [&] { proxy.log(1ms); };
   REQUIRE_MESSAGE(dynup_test::wait_until([&] { return all_serve(statuses, addresses_of(chaos.everyone())); },
                                          settle_limit),
-                  "dynup-proxy never served the registry's first set:\n" << describe_statuses(statuses) << log);
+                  "dynup-proxy never served the registry's first set:\n" << describe_statuses(statuses) << proxy.log());
 
   const ChaosRun run = run_chaos(static_cast<std::uint16_t>(port), registry, chaos, gone, ports, statuses, drain);
-  drain();
+  const std::string& log = proxy.log(1ms);
   INFO("dynup-proxy's stderr:\n" << log);
   check_run(run, "dynup-proxy");
-  CHECK_MESSAGE(!proxy.wait_exit(0ms).has_value(), "dynup-proxy exited");
+  CHECK_MESSAGE(!proxy.process().wait_exit(0ms).has_value(), "dynup-proxy exited");
 
   // The final weights hold in the traffic: 3:1 over whole periods of one proxy thread's
   // round robin (one kept-alive connection), and nothing reaches b0 or b2.

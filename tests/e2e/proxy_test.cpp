@@ -2,6 +2,7 @@
 // loopback, its peers from files and pushes, its admin API and metrics, SIGTERM's drain,
 // --check, and wrk through it while its peer file churns.
 #include <support/process.hpp>
+#include <support/proxy.hpp>
 #include <support/temp_dir.hpp>
 #include <support/text.hpp>
 #include <support/wait.hpp>
@@ -35,15 +36,12 @@
 #include <utility>
 #include <vector>
 
-#ifndef DYNUP_PROXY_BIN
-#error "DYNUP_PROXY_BIN must name the dynup-proxy binary (tests/CMakeLists.txt defines it)"
-#endif
-
 namespace {
 
 using dynup_test::contains;
 using dynup_test::ExitStatus;
 using dynup_test::Process;
+using dynup_test::RunningProxy;
 using dynup_test::TempDir;
 using dynup_test::wait_until;
 using dynup_test::write_by_rename;
@@ -275,63 +273,6 @@ std::string describe(const std::map<std::string, std::size_t>& m) {
   for (const auto& [name, n] : m) out += (out.empty() ? "" : ", ") + name + ": " + std::to_string(n);
   return out.empty() ? "nobody" : out;
 }
-
-// dynup-proxy running on a config file; stopped (SIGTERM, then SIGKILL) by its PID on
-// destruction. The stderr lines read so far are kept for assertions on the log.
-class RunningProxy {
-public:
-  explicit RunningProxy(const std::string& config_path) : process_({DYNUP_PROXY_BIN, "--config", config_path}) {
-    for (;;) {
-      auto line = process_.read_line(Stream::err, start_timeout);
-      REQUIRE_MESSAGE(line.has_value(), "dynup-proxy did not say it was listening; its stderr:\n" << log_);
-      log_ += *line + "\n";
-      if (auto at = line->find("proxy listening on port "); at != std::string::npos) {
-        port_ = std::stoi(line->substr(at + std::string("proxy listening on port ").size()));
-        if (auto admin = line->find("admin on port "); admin != std::string::npos)
-          admin_port_ = std::stoi(line->substr(admin + std::string("admin on port ").size()));
-        break;
-      }
-    }
-    REQUIRE(port_ > 0);
-  }
-
-  int port() const noexcept { return port_; }
-  int admin_port() const noexcept { return admin_port_; }
-  Process& process() noexcept { return process_; }
-
-  // Everything it wrote on stderr so far (waits up to `settle` for more).
-  const std::string& log(std::chrono::milliseconds settle = 200ms) {
-    log_ += process_.read_all(Stream::err, settle);
-    return log_;
-  }
-
-  // Reads stderr lines until one contains `text`; false after `timeout`.
-  bool log_shows(const std::string& text, std::chrono::milliseconds timeout = change_timeout) {
-    if (contains(log_, text)) return true;
-    const auto until = std::chrono::steady_clock::now() + timeout;
-    while (std::chrono::steady_clock::now() < until) {
-      auto line = process_.read_line(
-          Stream::err, std::chrono::duration_cast<std::chrono::milliseconds>(until - std::chrono::steady_clock::now()));
-      if (!line) return false;
-      log_ += *line + "\n";
-      if (contains(*line, text)) return true;
-    }
-    return false;
-  }
-
-  json status(const std::string& upstream) {
-    Reply r = get(admin_port_, "/upstreams/" + upstream);
-    REQUIRE_MESSAGE(r.status == 200, r.describe());
-    return json::parse(r.body);
-  }
-  std::uint64_t version(const std::string& upstream) { return status(upstream)["version"].get<std::uint64_t>(); }
-
-private:
-  Process process_;
-  int port_ = -1;
-  int admin_port_ = -1;
-  std::string log_;
-};
 
 // Sends `n` GETs over one kept-alive connection, which one proxy thread serves, so the
 // round robin sequence is that thread's own: over whole periods the counts are exact.

@@ -89,9 +89,6 @@ struct ChaosMember {
   bool critical = false;
 };
 
-/// Peers as (id, "host:port", weight): what must match between the registry and a status.
-using PeerAddresses = std::set<std::tuple<std::string, std::string, std::uint32_t>>;
-
 /// The id dynup gives a member: "<node>/<Service.ID>" (include/dynup/source/consul.hpp).
 inline std::string peer_id_of(const ChaosMember& m) { return "node-1/" + m.id; }
 
@@ -101,24 +98,6 @@ inline PeerAddresses addresses_of(const std::vector<ChaosMember>& members) {
   for (const ChaosMember& m : members)
     if (!m.critical) out.emplace(peer_id_of(m), "127.0.0.1:" + std::to_string(m.port), m.weight);
   return out;
-}
-
-/// The peers of a status document (dynup_status's upstream, or the proxy's admin API).
-inline PeerAddresses addresses_of(const nlohmann::json& status) {
-  PeerAddresses out;
-  for (const nlohmann::json& p : status.at("peers"))
-    out.emplace(p.at("id").get<std::string>(),
-                p.at("host").get<std::string>() + ":" + std::to_string(p.at("port").get<int>()),
-                p.at("weight").get<std::uint32_t>());
-  return out;
-}
-
-/// "b0@127.0.0.1:1234=1 …", for failure messages.
-inline std::string describe(const PeerAddresses& peers) {
-  std::string out;
-  for (const auto& [id, address, weight] : peers)
-    out += (out.empty() ? "" : " ") + id + "@" + address + "=" + std::to_string(weight);
-  return out.empty() ? "no peers" : out;
 }
 
 /// What the chaos did, for the test's report.

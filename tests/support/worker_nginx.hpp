@@ -35,6 +35,7 @@
 #include <stdexcept>
 #include <string>
 #include <system_error>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -67,15 +68,27 @@ struct NginxTraffic {
 /// Backends by index, each with a weight: a peer document's content (weighted_peers_doc).
 using WeightedBackends = std::vector<std::pair<std::size_t, std::uint32_t>>;
 
+/// Peers as (id, "host:port", weight): what must match between a registry and a status.
+using PeerAddresses = std::set<std::tuple<std::string, std::string, std::uint32_t>>;
+
 /// Peers as (id, weight): what a status document lists, or what a peer document names.
 using PeerWeights = std::set<std::pair<std::string, std::uint32_t>>;
 
-/// The peers of a status document: the Lua binding's status, or one upstream of
-/// dynup_status.
+/// The peers of a status document: the Lua binding's status, one upstream of
+/// dynup_status, or one of dynup-proxy's admin API.
+inline PeerAddresses addresses_of(const nlohmann::json& status) {
+  PeerAddresses out;
+  for (const nlohmann::json& p : status.at("peers"))
+    out.emplace(p.at("id").get<std::string>(),
+                p.at("host").get<std::string>() + ":" + std::to_string(p.at("port").get<int>()),
+                p.at("weight").get<std::uint32_t>());
+  return out;
+}
+
+/// The same without the addresses.
 inline PeerWeights peers_of(const nlohmann::json& status) {
   PeerWeights out;
-  for (const nlohmann::json& p : status.at("peers"))
-    out.emplace(p.at("id").get<std::string>(), p.at("weight").get<std::uint32_t>());
+  for (const auto& [id, address, weight] : addresses_of(status)) out.emplace(id, weight);
   return out;
 }
 
@@ -98,6 +111,14 @@ inline std::string describe(const PeerWeights& peers) {
   std::string out;
   for (const auto& [id, weight] : peers) out += (out.empty() ? "" : " ") + id + "=" + std::to_string(weight);
   return out;
+}
+
+/// "b0@127.0.0.1:1234=1 …", for failure messages.
+inline std::string describe(const PeerAddresses& peers) {
+  std::string out;
+  for (const auto& [id, address, weight] : peers)
+    out += (out.empty() ? "" : " ") + id + "@" + address + "=" + std::to_string(weight);
+  return out.empty() ? "no peers" : out;
 }
 
 /// The parts of nginx.conf that differ between the balancers under test. Each string is
