@@ -63,15 +63,26 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # --- build ------------------------------------------------------------------------------
+bench=$BUILD/bench/dynup_bench
+latency=$BUILD/bench/dynup_watch_latency
+lib=$BUILD/src/c/libdynup_c.so
+proxy=$BUILD/examples/proxy/dynup-proxy
+module=$BUILD/examples/nginx/ngx_http_upstream_dynup_module.so # the cache may name another
+# What a group needs: the targets to build, and the file that must then exist.
+group_needs() {
+  case $1 in
+    publisher | policies | upstream) need_targets="dynup_bench" need_file=$bench ;;
+    latency) need_targets="dynup_watch_latency" need_file=$latency ;;
+    lua) need_targets="dynup_c" need_file=$lib ;;
+    nginx) need_targets="dynup_c dynup_nginx_module" need_file=$module ;;
+    proxy) need_targets="dynup-proxy" need_file=$proxy ;;
+  esac
+}
 targets=()
 for g in $groups; do
-  case $g in
-    publisher | policies | upstream) targets+=(dynup_bench) ;;
-    latency) targets+=(dynup_watch_latency) ;;
-    lua) targets+=(dynup_c) ;;
-    nginx) targets+=(dynup_c dynup_nginx_module) ;;
-    proxy) targets+=(dynup-proxy) ;;
-  esac
+  group_needs "$g"
+  read -ra more <<<"$need_targets"
+  targets+=("${more[@]}")
 done
 read -ra targets <<<"$(printf '%s\n' "${targets[@]}" | sort -u | tr '\n' ' ')"
 if [ "$NOBUILD" != 1 ]; then
@@ -87,22 +98,12 @@ fi
 [ -f "$BUILD/CMakeCache.txt" ] || die "$BUILD is not a CMake build folder"
 build_type=$(sed -n 's/^CMAKE_BUILD_TYPE:[A-Z]*=//p' "$BUILD/CMakeCache.txt")
 cxx=$(sed -n 's/^CMAKE_CXX_COMPILER:[A-Z]*=//p' "$BUILD/CMakeCache.txt")
-bench=$BUILD/bench/dynup_bench
-latency=$BUILD/bench/dynup_watch_latency
-lib=$BUILD/src/c/libdynup_c.so
-module=$(sed -n 's/^DYNUP_NGINX_MODULE_FILE:[A-Z]*=//p' "$BUILD/CMakeCache.txt")
-module=${module:-$BUILD/examples/nginx/ngx_http_upstream_dynup_module.so}
+cached_module=$(sed -n 's/^DYNUP_NGINX_MODULE_FILE:[A-Z]*=//p' "$BUILD/CMakeCache.txt")
+module=${cached_module:-$module}
 case $module in "$PWD"/*) module=${module#"$PWD"/} ;; esac
-proxy=$BUILD/examples/proxy/dynup-proxy
 for g in $groups; do
-  case $g in
-    publisher | policies | upstream) f=$bench ;;
-    latency) f=$latency ;;
-    lua) f=$lib ;;
-    nginx) f=$module ;;
-    proxy) f=$proxy ;;
-  esac
-  [ -e "$f" ] || die "$f not found (group $g): build it, or drop NOBUILD=1"
+  group_needs "$g"
+  [ -e "$need_file" ] || die "$need_file not found (group $g): build it, or drop NOBUILD=1"
 done
 
 # --- run --------------------------------------------------------------------------------
