@@ -178,12 +178,23 @@ inline std::string Proxy::metrics() const {
   auto load = [](const std::atomic<std::uint64_t>& a) { return static_cast<double>(a.load(std::memory_order_relaxed)); };
 
   std::map<std::string, nlohmann::ordered_json> status;
-  for (const auto& [name, pu] : upstreams_) status[name] = pu->up->status();
+  for (const auto& [name, pu] : upstreams_) {
+    prune_pools(*pu); // a scrape after a change tells the truth without waiting for a request
+    status[name] = pu->up->status();
+  }
 
   family("dynup_proxy_requests_in_flight", "gauge", "Client requests being served.");
   sample("dynup_proxy_requests_in_flight", "", static_cast<double>(in_flight_.load()));
   family("dynup_proxy_no_route_total", "counter", "Requests no route matched (404).");
   sample("dynup_proxy_no_route_total", "", load(no_route_));
+  family("dynup_proxy_idle_connections", "gauge",
+         "Idle kept-alive connections pooled for reuse, to peers of the current set only.");
+  for (const auto& [name, pu] : upstreams_) {
+    std::size_t idle = 0;
+    std::shared_lock<std::shared_mutex> lock(pu->pools_mu);
+    for (const auto& [key, pool] : pu->pools) idle += pool->idle();
+    sample("dynup_proxy_idle_connections", ul(name), static_cast<double>(idle));
+  }
 
   family("dynup_picks_total", "counter", "Peers picked (retries included).");
   for (const auto& [name, pu] : upstreams_) sample("dynup_picks_total", ul(name), load(pu->counters.picks));

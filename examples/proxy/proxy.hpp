@@ -12,6 +12,7 @@
 #include "proxy_config.hpp"
 
 #include <dynup/peer_json.hpp>
+#include <dynup/publisher.hpp>
 #include <dynup/upstream.hpp>
 
 #include <httplib.h>
@@ -33,6 +34,7 @@
 #include <string_view>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -179,10 +181,48 @@ struct ProxyUpstream {
   std::unique_ptr<dynup::Upstream> up;
   UpstreamCounters counters;
   std::shared_mutex pools_mu; // guards the map; a pool itself has its own mutex
-  std::unordered_map<std::string, std::unique_ptr<PeerPool>> pools; ///< "host|port"
+  /// "host|port" → its pool, shared with the requests using it: a pool dropped by
+  /// prune_pools lives until its last request gives its connection back.
+  std::unordered_map<std::string, std::shared_ptr<PeerPool>> pools;
+  std::atomic<std::uint64_t> pruned_version{0}; ///< the set version pools were last pruned to
   mutable std::mutex failures_mu;
   std::map<std::string, std::uint64_t> failures_by_peer; ///< peer id → failed requests (connect or reply)
 };
+
+inline std::string pool_key(const dynup::Peer& peer) { return peer.host + "|" + std::to_string(peer.port); }
+
+/// Drops the pools (and failure counts) of peers no longer in the upstream's set, and
+/// with them their idle connections: peers that come and go (new addresses on every
+/// deploy) must not hold sockets and memory for ever. Does the work once per new set
+/// version, on the first request or scrape that sees it; otherwise one snapshot() load.
+inline void prune_pools(ProxyUpstream& pu) {
+  const dynup::Snapshot& set = pu.up->publisher().snapshot();
+  const std::uint64_t v = set->version();
+  if (v <= pu.pruned_version.load(std::memory_order_acquire)) return;
+  std::unordered_set<std::string> live_addresses;
+  std::unordered_set<std::string> live_ids;
+  for (const dynup::Peer& p : *set) {
+    live_addresses.insert(pool_key(p));
+    live_ids.insert(p.id);
+  }
+  std::vector<std::shared_ptr<PeerPool>> dropped; // closed after the lock is released
+  {
+    std::unique_lock<std::shared_mutex> lock(pu.pools_mu);
+    if (v <= pu.pruned_version.load(std::memory_order_relaxed)) return;
+    for (auto it = pu.pools.begin(); it != pu.pools.end();) {
+      if (live_addresses.count(it->first) != 0) {
+        ++it;
+        continue;
+      }
+      dropped.push_back(std::move(it->second));
+      it = pu.pools.erase(it);
+    }
+    pu.pruned_version.store(v, std::memory_order_release);
+  }
+  std::lock_guard<std::mutex> lock(pu.failures_mu);
+  for (auto it = pu.failures_by_peer.begin(); it != pu.failures_by_peer.end();)
+    it = live_ids.count(it->first) != 0 ? std::next(it) : pu.failures_by_peer.erase(it);
+}
 
 class Proxy {
 public:
@@ -297,17 +337,18 @@ private:
     return nullptr;
   }
 
-  PeerPool& pool(ProxyUpstream& pu, const dynup::Peer& peer) {
-    const std::string key = peer.host + "|" + std::to_string(peer.port);
+  std::shared_ptr<PeerPool> pool(ProxyUpstream& pu, const dynup::Peer& peer) {
+    prune_pools(pu);
+    const std::string key = pool_key(peer);
     {
       std::shared_lock<std::shared_mutex> lock(pu.pools_mu);
       auto it = pu.pools.find(key);
-      if (it != pu.pools.end()) return *it->second;
+      if (it != pu.pools.end()) return it->second;
     }
     std::unique_lock<std::shared_mutex> lock(pu.pools_mu);
     auto& slot = pu.pools[key];
-    if (!slot) slot = std::make_unique<PeerPool>(peer.host, peer.port, config_.limits);
-    return *slot;
+    if (!slot) slot = std::make_shared<PeerPool>(peer.host, peer.port, config_.limits);
+    return slot;
   }
 
   static void count_failure(ProxyUpstream& pu, const std::string& id) {
@@ -391,9 +432,9 @@ private:
       if (attempt > 0) n.retries.fetch_add(1, std::memory_order_relaxed);
       const dynup::Peer& peer = *sel.peer;
       const std::string peer_id = peer.id;
-      PeerPool& pp = pool(pu, peer);
+      const std::shared_ptr<PeerPool> pp = pool(pu, peer);
       bool reused = false;
-      std::unique_ptr<httplib::Client> client = pp.take(reused);
+      std::unique_ptr<httplib::Client> client = pp->take(reused);
       received = 0;
       too_large = false;
       body.clear();
@@ -405,7 +446,7 @@ private:
 
       if (ok && !too_large) {
         pu.up->report(sel, {latency, reply.status, false});
-        pp.give_back(std::move(client));
+        pp->give_back(std::move(client));
         const int cls = reply.status / 100;
         n.responses[cls >= 1 && cls <= 5 ? static_cast<std::size_t>(cls) : 0].fetch_add(1, std::memory_order_relaxed);
         res.status = reply.status;

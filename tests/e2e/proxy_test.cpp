@@ -565,6 +565,42 @@ TEST_CASE("proxy: a rewritten peer file moves traffic without a restart") {
   CHECK(log.find("proxy listening") == log.rfind("proxy listening"));
 }
 
+TEST_CASE("proxy: a peer that leaves the set takes its pooled connections with it") {
+  // Addresses that come and go (a new one on every deploy) must not keep idle
+  // connections, and the memory of their pools, for ever.
+  Backend a("a"), b("b");
+  TempDir dir;
+  const std::string peers = dir.file("peers.json");
+  write_by_rename(peers, peers_doc({peer(a), peer(b)}));
+  RunningProxy proxy(write_config(dir, proxy_config(json::array({file_upstream("svc", peers)}))));
+  const std::map<std::string, std::string> svc{{"upstream", "svc"}};
+
+  // One client connection, so one request at a time: each takes its peer's idle
+  // connection (or makes one) and gives it back.
+  auto before = tally(proxy.port(), "/", 10);
+  REQUIRE(count_of(before, "a") == 5);
+  REQUIRE(count_of(before, "b") == 5);
+  CHECK(metric(scrape(proxy), "dynup_proxy_idle_connections", svc) == 2);
+
+  const std::uint64_t v0 = proxy.version("svc");
+  write_by_rename(peers, peers_doc({peer(a)}));
+  REQUIRE(wait_until([&] { return proxy.version("svc") > v0; }, change_timeout));
+  // The scrape itself prunes: b's pool went with b.
+  CHECK(metric(scrape(proxy), "dynup_proxy_idle_connections", svc) == 1);
+
+  auto after = tally(proxy.port(), "/", 4);
+  CHECK(count_of(after, "a") == 4);
+  CHECK(metric(scrape(proxy), "dynup_proxy_idle_connections", svc) == 1);
+
+  // b comes back: a new pool, a new connection.
+  const std::uint64_t v1 = proxy.version("svc");
+  write_by_rename(peers, peers_doc({peer(a), peer(b)}));
+  REQUIRE(wait_until([&] { return proxy.version("svc") > v1; }, change_timeout));
+  auto again = tally(proxy.port(), "/", 4);
+  CHECK(count_of(again, "b") == 2);
+  CHECK(metric(scrape(proxy), "dynup_proxy_idle_connections", svc) == 2);
+}
+
 TEST_CASE("proxy: PUT replaces a push upstream's peers, and a refused PUT changes nothing") {
   Backend p1("p1"), p2("p2"), p3("p3"), f1("f1");
   TempDir dir;
