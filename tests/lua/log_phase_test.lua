@@ -4,15 +4,29 @@
 -- the next request (report() in log_by_lua hands it back to the upstream's pool).
 local t = dofile((arg[0]:match("^(.*)/") or ".") .. "/helpers.lua")
 
--- The stand-in: the phase, the current request's ngx.ctx, its variables and status.
-local phase, current_ctx, vars = "init_worker", nil, {}
+-- The stand-in: the phase, the current request (`r` for the ngx_http_request_t that
+-- resty.core's get_request() returns, and its ngx.ctx), its variables and status, and
+-- what get_last_failure() says: nil on a request's first try.
+local phase, current, vars, last_failure = "init_worker", nil, {}, nil
+local ctx_reads = 0
 ngx = setmetatable({
   get_phase = function() return phase end,
   var = setmetatable({}, { __index = function(_, k) return vars[k] end }),
   status = 200,
-}, { __index = function(_, k) if k == "ctx" then return current_ctx end end })
+}, { __index = function(_, k)
+  if k == "ctx" then
+    ctx_reads = ctx_reads + 1
+    return current.ctx
+  end
+end })
+package.preload["resty.core.base"] = function()
+  return { get_request = function() return current.r end }
+end
 package.preload["ngx.balancer"] = function()
-  return { get_last_failure = function() return "failed", 502 end }
+  return { get_last_failure = function()
+    if last_failure == nil then return nil end
+    return last_failure, 502
+  end }
 end
 
 local dynup = require "resty.dynup"
@@ -24,11 +38,14 @@ t.write_file(path, [[{"peers":[
 -- Passive checks off: the failures reported below would take the peers down.
 local up = assert(dynup.new({name = "api", source = "file://" .. path, health = {passive = {max_fails = 0}}},
                             {lib = t.lib}))
-local key = "resty.dynup.api"
 
 local function request()
-  current_ctx, phase, ngx.status = {}, "balancer", 200
-  return current_ctx
+  current, phase, ngx.status, last_failure = {r = {}, ctx = {}}, "balancer", 200, nil
+  return current
+end
+-- nginx tries the next peer: balancer_by_lua runs again after a failed try.
+local function retry(v)
+  phase, vars, last_failure = "balancer", v, "failed"
 end
 local function log_phase(v)
   phase, vars = "log", v
@@ -39,6 +56,8 @@ local ok_vars = {upstream_connect_time = "0.001", upstream_header_time = "0.002"
 -- One request: pick, then report in log_by_lua. The state stays readable in the handler.
 local a = request()
 local host = assert(up:pick())
+local a_state = up._by_request[a.r]
+assert(a_state, "the state is filed under the request")
 t.eq(up:tries(), 1, "tries")
 local id = up:peer_id()
 log_phase(ok_vars)
@@ -55,16 +74,17 @@ t.contains(host, "10.0.0.", "host")
 -- try has no peer left.
 local b = request()
 assert(up:pick())
-t.eq(b[key], a[key], "the finished request's state is reused")
+t.eq(up._by_request[b.r], a_state, "the finished request's state is reused")
+t.eq(up._by_request[a.r], nil, "and no longer filed under the request that finished")
 t.eq(up:tries(), 1, "tries of the reused state")
 local first = up:peer_id()
-vars = {upstream_connect_time = "-", upstream_header_time = "-", upstream_response_time = "0.000",
-        upstream_status = "502"}
+retry({upstream_connect_time = "-", upstream_header_time = "-", upstream_response_time = "0.000",
+       upstream_status = "502"})
 assert(up:pick())
 t.eq(up:tries(), 2, "tries after a retry")
 assert(up:peer_id() ~= first, "the retry excludes the peer tried")
-vars = {upstream_connect_time = "-, -", upstream_header_time = "-, -", upstream_response_time = "0.000, 0.000",
-        upstream_status = "502, 502"}
+retry({upstream_connect_time = "-, -", upstream_header_time = "-, -", upstream_response_time = "0.000, 0.000",
+       upstream_status = "502, 502"})
 _, _, err = up:pick()
 t.eq(err, "upstream api: all available peers already tried", "third try")
 -- nginx answers 502 from balancer_by_lua: both tries already ended, nothing to report.
@@ -75,8 +95,8 @@ t.eq(select(2, up:report()), "resty.dynup: no live pick to report", "report afte
 -- A retried request whose second try answered.
 request()
 assert(up:pick())
-vars = {upstream_connect_time = "-", upstream_header_time = "-", upstream_response_time = "0.000",
-        upstream_status = "502"}
+retry({upstream_connect_time = "-", upstream_header_time = "-", upstream_response_time = "0.000",
+       upstream_status = "502"})
 assert(up:pick())
 log_phase({upstream_connect_time = "-, 0.001", upstream_header_time = "-, 0.002",
            upstream_response_time = "0.000, 0.004", upstream_status = "502, 200"})
@@ -109,20 +129,46 @@ for i = 1, 300 do
 end
 t.eq(t.count(up:status(), '"in_flight":150'), 2, "300 picks in flight")
 for i = 1, 300 do
-  current_ctx = ctxs[i]
+  current = ctxs[i]
   log_phase(ok_vars)
   assert(up:report())
 end
 t.eq(up._pooled, 256, "pool size")
 t.eq(t.count(up:status(), '"in_flight":0'), 2, "all 300 ended")
 
--- A request dropped while its pick is live (an internal redirect clears ngx.ctx): the
--- collector cancels the pick, even on a state that came from the pool. (Finished
--- requests' ctx tables are gone in nginx; here they are dropped by hand.)
-a, b, ctxs = nil, nil, nil
-request()
+t.eq(ctx_reads, 0, "balancer_by_lua and log_by_lua never touched ngx.ctx")
+
+-- A request that ended without log_by_lua (a subrequest) leaves its live pick filed
+-- under its request; the next request nginx puts at that address cancels it on its
+-- first try instead of taking it for a retry. An internal redirect that proxies again
+-- looks the same (one request, a new first try).
+a, b, ctxs, a_state = nil, nil, nil, nil
+local r = request()
 assert(up:pick())
-current_ctx = nil
+t.eq(t.count(up:status(), '"in_flight":1'), 1, "one pick in flight")
+current, phase, last_failure = r, "balancer", nil
+assert(up:pick())
+t.eq(up:tries(), 1, "a first try again, not a retry")
+t.eq(t.count(up:status(), '"in_flight":1'), 1, "the abandoned pick was cancelled, only the new one is in flight")
+log_phase(ok_vars)
+assert(up:report())
+t.eq(t.count(up:status(), '"in_flight":0'), 2, "nothing in flight")
+
+-- A pick outside balancer_by_lua keeps its state in ngx.ctx; log_by_lua finds it there.
+request()
+phase = "access"
+assert(up:pick())
+t.eq(up:tries(), 1, "tries of a pick in the access phase")
+log_phase(ok_vars)
+t.eq(up:report(), true, "report of a pick made in the access phase")
+t.eq(t.count(up:status(), '"in_flight":0'), 2, "nothing in flight")
+
+-- Such a request dropped while its pick is live (an internal redirect clears ngx.ctx):
+-- the collector cancels the pick, even on a state that came from the pool.
+request()
+phase = "access"
+assert(up:pick())
+current.ctx = {}
 collectgarbage()
 collectgarbage()
 t.eq(t.count(up:status(), '"in_flight":0'), 2, "a dropped pick is cancelled")

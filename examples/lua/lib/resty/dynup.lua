@@ -15,7 +15,7 @@
 --   }
 --   log_by_lua_block { require("resty.dynup").get("api"):report() }
 --
--- A pick lives in ngx.ctx from balancer_by_lua to log_by_lua. When nginx retries
+-- A pick lives from balancer_by_lua to log_by_lua, filed under the request. When nginx retries
 -- (proxy_next_upstream), balancer_by_lua runs again: pick() first reports the failed try
 -- (ngx.balancer.get_last_failure and the $upstream_* variables), then picks a peer not
 -- tried yet. Outside nginx every method takes the request's state as an explicit table.
@@ -200,6 +200,7 @@ function _M.new(cfg, opts)
     lib = lib,
     _owner = owner,
     _box = box,
+    _by_request = {}, -- nginx request → its state (see request_state)
     _pool = {}, -- states of finished requests (their selections ended), for reuse
     _pooled = 0,
     -- Ends a pick whose request state was dropped without report() (an internal
@@ -241,40 +242,91 @@ local function request_phase()
   return phase
 end
 
--- The request's state, and the nginx phase when it lives in ngx.ctx (`ctx` nil).
--- `sel`: the selection, reused by the request's retries. `ended`: the last pick has
--- ended and its id_hash, still in `sel`, is not yet in `tried` (the next pick of the
--- request adds it: a request with no retry writes no `tried` array). `pooled`: the
--- request has finished (report() in log_by_lua) and the state went back to the
--- upstream's pool, from which the next request in this worker takes it, selection and
--- `tried` array included: in nginx a request allocates nothing of its own here.
-local function request_state(self, ctx)
-  local phase
-  if ctx == nil then
-    phase = request_phase()
-    if not phase then return nil, "resty.dynup: outside an nginx request, pass the request's state table" end
-    ctx = ngx.ctx
+-- A request's state: `sel`, the selection, reused by the request's retries. `ended`: the
+-- last pick has ended and its id_hash, still in `sel`, is not yet in `tried` (the next
+-- pick of the request adds it: a request with no retry writes no `tried` array).
+-- `pooled`: the request has finished (report() in log_by_lua) and the state went back to
+-- the upstream's pool, from which the next request in this worker takes it, selection
+-- and `tried` array included: in nginx a request allocates nothing of its own here.
+-- `r`: the nginx request it is filed under in `_by_request`, if any.
+local function new_state()
+  return { sel = nil, live = false, ended = false, pooled = false, tries = 0, tried = nil, n = 0, cap = 0, r = nil }
+end
+
+-- A state for a new request: a pooled one (no longer filed under its old request), or a
+-- new one.
+local function take_state(self)
+  local n = self._pooled
+  if n == 0 then return new_state() end
+  local st = self._pool[n]
+  self._pool[n] = nil
+  self._pooled = n - 1
+  if st.r ~= nil and self._by_request[st.r] == st then self._by_request[st.r] = nil end
+  st.live, st.ended, st.pooled, st.tries, st.n, st.r = false, false, false, 0, 0, nil
+  return st
+end
+
+-- Marks a request whose state lives in ngx.ctx (a pick outside balancer_by_lua).
+local IN_CTX = {}
+local get_request, get_last_failure -- resty.core's, loaded with the first request
+
+-- The request's state (nil when it has none), the nginx phase when `ctx` is nil, and an
+-- error outside a request. `picking`: pick() asks, and may start a state.
+-- In balancer_by_lua the state is filed under the nginx request itself (resty.core's
+-- get_request(), a pointer), not in ngx.ctx: creating and releasing an ngx.ctx table
+-- per request cost 4 % of a proxied request's user-space instructions. A request's
+-- memory is reused by later requests, so what is filed under it may belong to one that
+-- ended without log_by_lua (a subrequest), or to this one before an internal redirect:
+-- the first try of an upstream attempt (get_last_failure() is nil) never takes it
+-- for a retry, and cancels its pick if still live. Picks in other phases keep their
+-- state in ngx.ctx, as an explicit `ctx` does.
+local function request_state(self, ctx, picking)
+  if ctx ~= nil then
     local st = ctx[self._ctx_key]
     if st == nil then
-      local n = self._pooled
-      if n > 0 then
-        st = self._pool[n]
-        self._pool[n] = nil
-        self._pooled = n - 1
-        st.live, st.ended, st.pooled, st.tries, st.n = false, false, false, 0, 0
-      else
-        st = { sel = nil, live = false, ended = false, pooled = false, tries = 0, tried = nil, n = 0, cap = 0 }
-      end
+      st = new_state()
       ctx[self._ctx_key] = st
+    end
+    return st
+  end
+  local phase = request_phase()
+  if not phase then return nil, nil, "resty.dynup: outside an nginx request, pass the request's state table" end
+  if get_request == nil then
+    get_request = require("resty.core.base").get_request
+    get_last_failure = require("ngx.balancer").get_last_failure
+  end
+  -- get_request() gives a new cdata each call (a void*), which as a table key would
+  -- match only itself: file under its address.
+  local r = get_request()
+  if type(r) == "cdata" then r = tonumber(ffi_cast("uintptr_t", r)) end
+  local by = self._by_request
+  local st = by[r]
+  if phase == "balancer" and picking and get_last_failure() == nil then
+    if st ~= nil and st ~= IN_CTX and st.live then
+      local h = self._box.h
+      if h ~= nil then self.lib.dynup_cancel(h, st.sel) end
+      st.live = false
+    end
+    if st == nil or st == IN_CTX or st.pooled then
+      st = take_state(self)
+      st.r = r
+      by[r] = st
+    else
+      st.live, st.ended, st.tries, st.n = false, false, 0, 0
     end
     return st, phase
   end
-  local st = ctx[self._ctx_key]
+  if st ~= nil and st ~= IN_CTX then return st, phase end
+  if st == nil and not picking then return nil, phase end
+  ctx = ngx.ctx
+  st = ctx[self._ctx_key]
   if st == nil then
-    st = { sel = nil, live = false, ended = false, pooled = false, tries = 0, tried = nil, n = 0, cap = 0 }
+    if not picking then return nil, phase end
+    st = take_state(self)
     ctx[self._ctx_key] = st
+    by[r] = IN_CTX
   end
-  return st
+  return st, phase
 end
 
 -- The last entry of an $upstream_* variable ("0.001, 0.002 : 0.003" → "0.003"). A
@@ -340,19 +392,19 @@ end
 
 --- Picks a peer for this request: `host, port` (an IPv6 host comes in brackets, as
 --- ngx.balancer.set_current_peer wants it), or nil, nil and the reason ("upstream api:
---- all peers unavailable"). In balancer_by_lua the request's state lives in ngx.ctx; a
---- second call for one request is a retry: the previous try is reported as failed
+--- all peers unavailable"). In balancer_by_lua the request's state is filed under the
+--- nginx request (elsewhere in nginx: in ngx.ctx); a second call for one request is a retry: the previous try is reported as failed
 --- first, and every peer tried so far is excluded. Outside nginx pass `ctx`, a table
 --- kept for the request: a pick while the previous one is live reports that one as a
 --- failed connection, as nginx would.
 function Upstream:pick(key, ctx)
   local h = self._box.h
   if h == nil then return nil, nil, "resty.dynup: upstream " .. self.name .. " is closed" end
-  local st, err = request_state(self, ctx)
+  local st, phase, err = request_state(self, ctx, true)
   if not st then return nil, nil, err end
   if st.pooled then return nil, nil, "resty.dynup: this request's pick was already reported in log_by_lua" end
   if st.live then
-    if ctx == nil and ngx.get_phase() == "balancer" then
+    if phase == "balancer" then
       report_failed_try(self, st)
     else
       end_pick(self, st, 0, 0, true)
@@ -364,7 +416,8 @@ function Upstream:pick(key, ctx)
   end
   if st.sel == nil then
     -- Its finalizer cancels the pick if the request's state is dropped while it is live
-    -- (an internal redirect clears ngx.ctx); an ended one it leaves alone.
+    -- (an internal redirect clears ngx.ctx, for a pick outside balancer_by_lua); an
+    -- ended one it leaves alone.
     st.sel = ffi_gc(ffi_new("dynup_selection"), self._fin)
   end
   if key ~= nil and type(key) ~= "string" then key = tostring(key) end
@@ -399,12 +452,12 @@ end
 --- $upstream_header_time and $upstream_response_time (no connection: a connect failure;
 --- no header: no reply; a client that left before any reply: cancelled, not a failure).
 --- Explicitly: `status` (0: no reply), `latency` in seconds, `connect_failure`; `ctx` is
---- the request's state table (nil in nginx: ngx.ctx). Returns true, or nil and why
+--- the request's state table (nil in nginx). Returns true, or nil and why
 --- ("no live pick" when there is nothing to end).
 function Upstream:report(ctx, status, latency, connect_failure)
-  local st, phase = request_state(self, ctx)
-  if not st then return nil, phase end
-  if not st.live then return nil, "resty.dynup: no live pick to report" end
+  local st, phase, err = request_state(self, ctx)
+  if err then return nil, err end
+  if not st or not st.live then return nil, "resty.dynup: no live pick to report" end
   if status ~= nil then
     return end_pick(self, st, status, seconds_to_us(latency), connect_failure)
   end
@@ -446,9 +499,9 @@ end
 
 --- Ends this request's live pick without an outcome (the request was never sent).
 function Upstream:cancel(ctx)
-  local st, err = request_state(self, ctx)
-  if not st then return nil, err end
-  if not st.live then return nil, "resty.dynup: no live pick to cancel" end
+  local st, _, err = request_state(self, ctx)
+  if err then return nil, err end
+  if not st or not st.live then return nil, "resty.dynup: no live pick to cancel" end
   return end_pick(self, st, nil)
 end
 
