@@ -196,6 +196,11 @@ public:
   /// routing table: no lock, no allocation but for the thread's first call.
   std::size_t peer_count() const noexcept { return tables_.get()->set->size(); }
 
+  /// Whether report() uses Outcome::latency (only the ewma policy does; passive health
+  /// and outlier detection count statuses and connect failures). An embedder may skip
+  /// measuring the latency when false.
+  bool uses_latency() const noexcept { return policy_->uses_latency(); }
+
   /// How the request to `s` ended: feeds the policy (in-flight count, latency) and the
   /// passive health checks, and ends the selection (its peer becomes null). A selection
   /// without a peer is ignored.

@@ -292,6 +292,11 @@ DYNUP_C_API size_t dynup_peer_count(dynup_upstream* up) {
   return up->up->peer_count();
 }
 
+DYNUP_C_API int dynup_uses_latency(dynup_upstream* up) {
+  if (up == nullptr || forked(up)) return 0;
+  return up->up->uses_latency() ? 1 : 0;
+}
+
 DYNUP_C_API int dynup_report(dynup_upstream* up, dynup_selection* sel, int status, int64_t latency_us,
                              int connect_failure) {
   if (up == nullptr || sel == nullptr) return DYNUP_E_ARGUMENT;

@@ -199,6 +199,7 @@ static void test_null_arguments(void) {
   dynup_cancel(NULL, &sel);
   dynup_upstream_free(NULL);
   CHECK(dynup_peer_count(NULL) == 0);
+  CHECK(dynup_uses_latency(NULL) == 0);
   CHECK(dynup_status(NULL, buf, sizeof buf) == strlen(buf));
   CHECK(strcmp(buf, "{\"error\":\"dynup_status: the handle is NULL\"}") == 0);
 }
@@ -345,6 +346,7 @@ static void test_file_change(void) {
   write_file("change.json", "[\"10.0.1.1:80\"]");
   up = start("change.json", "");
   CHECK(dynup_peer_count(up) == 1);
+  CHECK(dynup_uses_latency(up) == 0); /* round_robin */
   REQUIRE(dynup_pick(up, NULL, 0, NULL, 0, &sel, err, sizeof err) == DYNUP_OK);
   CHECK(strcmp(sel.host, "10.0.1.1") == 0);
   dynup_cancel(up, &sel);
@@ -358,6 +360,10 @@ static void test_file_change(void) {
   }
   CHECK(moved);
   CHECK(dynup_peer_count(up) == 3);
+  dynup_upstream_free(up);
+
+  up = start("change.json", ",\"policy\":\"ewma\"");
+  CHECK(dynup_uses_latency(up) == 1);
   dynup_upstream_free(up);
 }
 

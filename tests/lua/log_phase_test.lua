@@ -8,10 +8,13 @@ local t = dofile((arg[0]:match("^(.*)/") or ".") .. "/helpers.lua")
 -- resty.core's get_request() returns, and its ngx.ctx), its variables and status, and
 -- what get_last_failure() says: nil on a request's first try.
 local phase, current, vars, last_failure = "init_worker", nil, {}, nil
-local ctx_reads = 0
+local ctx_reads, var_reads = 0, {}
 ngx = setmetatable({
   get_phase = function() return phase end,
-  var = setmetatable({}, { __index = function(_, k) return vars[k] end }),
+  var = setmetatable({}, { __index = function(_, k)
+    var_reads[k] = (var_reads[k] or 0) + 1
+    return vars[k]
+  end }),
   status = 200,
 }, { __index = function(_, k)
   if k == "ctx" then
@@ -61,7 +64,10 @@ assert(a_state, "the state is filed under the request")
 t.eq(up:tries(), 1, "tries")
 local id = up:peer_id()
 log_phase(ok_vars)
+var_reads = {}
 t.eq(up:report(), true, "report in the log phase")
+t.eq(var_reads.upstream_status, 1, "$upstream_status read once")
+t.eq(var_reads.upstream_response_time, nil, "round_robin uses no latency: $upstream_response_time not read")
 t.eq(up:tries(), 1, "tries after report, same handler")
 t.eq(up:peer_id(), id, "peer_id after report, same handler")
 t.eq(select(2, up:report()), "resty.dynup: no live pick to report", "second report")
@@ -174,5 +180,16 @@ collectgarbage()
 t.eq(t.count(up:status(), '"in_flight":0'), 2, "a dropped pick is cancelled")
 
 up:close()
+
+-- A policy that uses latency (ewma) gets it from $upstream_response_time.
+local lat = assert(dynup.new({name = "lat", source = "file://" .. path, policy = "ewma"}, {lib = t.lib}))
+request()
+assert(lat:pick())
+log_phase(ok_vars)
+var_reads = {}
+t.eq(lat:report(), true, "report with ewma")
+t.eq(var_reads.upstream_response_time, 1, "ewma: $upstream_response_time read")
+t.eq(t.count(lat:status(), '"ewma_ms":3.0'), 1, "the 3 ms latency reached the picked peer's EWMA")
+lat:close()
 t.remove_dir(dir, {"peers.json"})
 print("log_phase_test: ok")

@@ -96,6 +96,7 @@ public:
   }
 
   const char* name() const noexcept override { return "ewma"; }
+  bool uses_latency() const noexcept override { return true; }
 
   std::shared_ptr<const Picker> build(const Snapshot& set, const HealthView& health) override {
     return std::make_shared<PickerImpl>(set, health, stats_, *this);

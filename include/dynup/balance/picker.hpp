@@ -246,6 +246,9 @@ public:
   virtual ~Policy() = default;
   /// The policy's name as make_policy accepts it.
   virtual const char* name() const noexcept = 0;
+  /// Whether its pickers read Outcome::latency. An embedder that must work to measure a
+  /// latency (a variable to read and parse) may skip it when false.
+  virtual bool uses_latency() const noexcept { return false; }
   /// Builds the picker for `set` under `health` (peers parallel to the set). Allocates;
   /// cost is stated by each policy.
   virtual std::shared_ptr<const Picker> build(const Snapshot& set, const HealthView& health) = 0;

@@ -140,6 +140,12 @@ DYNUP_C_API int dynup_pick(dynup_upstream* up, const char* key, size_t key_len, 
  * thread's first call on a handle. */
 DYNUP_C_API size_t dynup_peer_count(dynup_upstream* up);
 
+/* 1 when dynup_report's latency_us is used (the ewma policy), 0 when it is ignored (every
+ * other policy: passive health and outlier detection count statuses and connect
+ * failures only), so a caller may skip measuring it; 0 on a NULL handle or in a forked
+ * child. Fixed for the handle's life. Any thread; lock-free. */
+DYNUP_C_API int dynup_uses_latency(dynup_upstream* up);
+
 /* Ends a live selection with the request's outcome: `status` is the HTTP status (0 when
  * no response came: timeout, reset), `latency_us` the time to the response (negative is
  * read as 0), `connect_failure` non-zero when the connection could not be made. Feeds

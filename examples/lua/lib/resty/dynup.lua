@@ -47,6 +47,7 @@ int dynup_pick(dynup_upstream* up, const char* key, size_t key_len, const uint64
 int dynup_report(dynup_upstream* up, dynup_selection* sel, int status, int64_t latency_us, int connect_failure);
 void dynup_cancel(dynup_upstream* up, dynup_selection* sel);
 size_t dynup_status(dynup_upstream* up, char* buf, size_t len);
+int dynup_uses_latency(dynup_upstream* up);
 uint64_t dynup_peer_id_hash(const char* id, size_t len);
 ]])
 if not ok_cdef and not tostring(cdef_err):find("redefine", 1, true) then
@@ -210,6 +211,10 @@ function _M.new(cfg, opts)
       if h ~= nil then lib.dynup_cancel(h, sel) end
     end,
   }, Upstream)
+  -- report() reads $upstream_response_time (about 1 k instructions a request) only for
+  -- a policy that uses latency; a library older than dynup_uses_latency: always.
+  local has_fn, uses = pcall(function() return lib.dynup_uses_latency(owner) end)
+  self._latency = not has_fn or uses ~= 0
   self.name = self:status():match('^{"name":"([^"]*)"') or "?"
   self._ctx_key = "resty.dynup." .. self.name
   registry[self.name] = self
@@ -449,7 +454,8 @@ end
 
 --- Ends this request's live pick with its outcome. In log_by_lua, with no arguments,
 --- the outcome is the last entry of $upstream_status, $upstream_connect_time,
---- $upstream_header_time and $upstream_response_time (no connection: a connect failure;
+--- $upstream_header_time and $upstream_response_time (the latency, read only for a
+--- policy that uses it: ewma) (no connection: a connect failure;
 --- no header: no reply; a client that left before any reply: cancelled, not a failure).
 --- Explicitly: `status` (0: no reply), `latency` in seconds, `connect_failure`; `ctx` is
 --- the request's state table (nil in nginx). Returns true, or nil and why
@@ -471,7 +477,8 @@ function Upstream:report(ctx, status, latency, connect_failure)
   if status_text ~= nil and #status_text == 3 and status_text ~= "502" and status_text ~= "504" then
     local code = tonumber(status_text)
     if code then
-      local ok, err = end_pick(self, st, code, seconds_to_us(last_entry(var.upstream_response_time)), false)
+      local latency_us = self._latency and seconds_to_us(last_entry(var.upstream_response_time)) or 0
+      local ok, err = end_pick(self, st, code, latency_us, false)
       if ok and phase == "log" and ctx == nil then pool_state(self, st) end
       return ok, err
     end
