@@ -5,12 +5,13 @@
 local t = dofile((arg[0]:match("^(.*)/") or ".") .. "/helpers.lua")
 
 -- The stand-in: the phase, the current request (`r` for the ngx_http_request_t that
--- resty.core's get_request() returns, and its ngx.ctx), its variables and status, and
--- what get_last_failure() says: nil on a request's first try.
+-- resty.core's get_request() returns, its ngx.ctx and its start time), its variables and
+-- status, and what get_last_failure() says: nil on a request's first try.
 local phase, current, vars, last_failure = "init_worker", nil, {}, nil
-local ctx_reads, var_reads = 0, {}
+local ctx_reads, var_reads, clock = 0, {}, 1000
 ngx = setmetatable({
   get_phase = function() return phase end,
+  req = { start_time = function() return current.started end },
   var = setmetatable({}, { __index = function(_, k)
     var_reads[k] = (var_reads[k] or 0) + 1
     return vars[k]
@@ -43,7 +44,8 @@ local up = assert(dynup.new({name = "api", source = "file://" .. path, health = 
                             {lib = t.lib}))
 
 local function request()
-  current, phase, ngx.status, last_failure = {r = {}, ctx = {}}, "balancer", 200, nil
+  clock = clock + 0.001
+  current, phase, ngx.status, last_failure = {r = {}, ctx = {}, started = clock}, "balancer", 200, nil
   return current
 end
 -- nginx tries the next peer: balancer_by_lua runs again after a failed try.
@@ -156,6 +158,22 @@ current, phase, last_failure = r, "balancer", nil
 assert(up:pick())
 t.eq(up:tries(), 1, "a first try again, not a retry")
 t.eq(t.count(up:status(), '"in_flight":1'), 1, "the abandoned pick was cancelled, only the new one is in flight")
+log_phase(ok_vars)
+assert(up:report())
+t.eq(t.count(up:status(), '"in_flight":0'), 2, "nothing in flight")
+
+-- The next request at that address that never picks (no proxy_pass in its location)
+-- but reports in log_by_lua does not end the abandoned pick: it started at another time.
+r = request()
+assert(up:pick())
+current = {r = r.r, ctx = {}, started = clock + 1}
+log_phase(ok_vars)
+t.eq(select(2, up:report()), "resty.dynup: no live pick to report", "no pick of its own to report")
+t.eq(up:tries(), 0, "no tries of its own")
+t.eq(t.count(up:status(), '"in_flight":1'), 1, "the abandoned pick is left to the next first try")
+phase, last_failure = "balancer", nil
+assert(up:pick())
+t.eq(t.count(up:status(), '"in_flight":1'), 1, "which cancelled it")
 log_phase(ok_vars)
 assert(up:report())
 t.eq(t.count(up:status(), '"in_flight":0'), 2, "nothing in flight")

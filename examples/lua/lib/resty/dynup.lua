@@ -253,9 +253,11 @@ end
 -- `pooled`: the request has finished (report() in log_by_lua) and the state went back to
 -- the upstream's pool, from which the next request in this worker takes it, selection
 -- and `tried` array included: in nginx a request allocates nothing of its own here.
--- `r`: the nginx request it is filed under in `_by_request`, if any.
+-- `r`: the nginx request it is filed under in `_by_request`, if any, and `started` that
+-- request's start time.
 local function new_state()
-  return { sel = nil, live = false, ended = false, pooled = false, tries = 0, tried = nil, n = 0, cap = 0, r = nil }
+  return { sel = nil, live = false, ended = false, pooled = false, tries = 0, tried = nil, n = 0, cap = 0, r = nil,
+           started = nil }
 end
 
 -- A state for a new request: a pooled one (no longer filed under its old request), or a
@@ -283,8 +285,10 @@ local get_request, get_last_failure -- resty.core's, loaded with the first reque
 -- memory is reused by later requests, so what is filed under it may belong to one that
 -- ended without log_by_lua (a subrequest), or to this one before an internal redirect:
 -- the first try of an upstream attempt (get_last_failure() is nil) never takes it
--- for a retry, and cancels its pick if still live. Picks in other phases keep their
--- state in ngx.ctx, as an explicit `ctx` does.
+-- for a retry, and cancels its pick if still live; and a state filed by a request that
+-- started at another time (ngx.req.start_time(), to the millisecond) is not this
+-- request's, so report() in a later request that never picked does not end it. Picks in
+-- other phases keep their state in ngx.ctx, as an explicit `ctx` does.
 local function request_state(self, ctx, picking)
   if ctx ~= nil then
     local st = ctx[self._ctx_key]
@@ -306,6 +310,7 @@ local function request_state(self, ctx, picking)
   if type(r) == "cdata" then r = tonumber(ffi_cast("uintptr_t", r)) end
   local by = self._by_request
   local st = by[r]
+  local started = ngx.req.start_time()
   if phase == "balancer" and picking and get_last_failure() == nil then
     if st ~= nil and st ~= IN_CTX and st.live then
       local h = self._box.h
@@ -319,9 +324,13 @@ local function request_state(self, ctx, picking)
     else
       st.live, st.ended, st.tries, st.n = false, false, 0, 0
     end
+    st.started = started
     return st, phase
   end
-  if st ~= nil and st ~= IN_CTX then return st, phase end
+  if st ~= nil and st ~= IN_CTX then
+    if st.started == started then return st, phase end
+    st = nil -- another request's, which ended without log_by_lua
+  end
   if st == nil and not picking then return nil, phase end
   ctx = ngx.ctx
   st = ctx[self._ctx_key]
