@@ -8,7 +8,7 @@ local t = dofile((arg[0]:match("^(.*)/") or ".") .. "/helpers.lua")
 -- resty.core's get_request() returns, its ngx.ctx and its start time), its variables and
 -- status, and what get_last_failure() says: nil on a request's first try.
 local phase, current, vars, last_failure = "init_worker", nil, {}, nil
-local ctx_reads, var_reads, clock = 0, {}, 1000
+local ctx_reads, var_reads, clock, failure_calls = 0, {}, 1000, 0
 ngx = setmetatable({
   get_phase = function() return phase end,
   req = { start_time = function() return current.started end },
@@ -28,6 +28,7 @@ package.preload["resty.core.base"] = function()
 end
 package.preload["ngx.balancer"] = function()
   return { get_last_failure = function()
+    failure_calls = failure_calls + 1
     if last_failure == nil then return nil end
     return last_failure, 502
   end }
@@ -102,10 +103,12 @@ t.eq(select(2, up:report()), "resty.dynup: no live pick to report", "report afte
 
 -- A retried request whose second try answered.
 request()
+failure_calls = 0
 assert(up:pick())
 retry({upstream_connect_time = "-", upstream_header_time = "-", upstream_response_time = "0.000",
        upstream_status = "502"})
 assert(up:pick())
+t.eq(failure_calls, 2, "get_last_failure() asked once per pick")
 log_phase({upstream_connect_time = "-, 0.001", upstream_header_time = "-, 0.002",
            upstream_response_time = "0.000, 0.004", upstream_status = "502, 200"})
 t.eq(up:report(), true, "report of a retried request")

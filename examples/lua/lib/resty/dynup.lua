@@ -278,7 +278,8 @@ local IN_CTX = {}
 local get_request, get_last_failure -- resty.core's, loaded with the first request
 
 -- The request's state (nil when it has none), the nginx phase when `ctx` is nil, and an
--- error outside a request. `picking`: pick() asks, and may start a state.
+-- error outside a request. `picking`: pick() asks, and may start a state; in
+-- balancer_by_lua it also gets get_last_failure()'s state and code (4th and 5th values).
 -- In balancer_by_lua the state is filed under the nginx request itself (resty.core's
 -- get_request(), a pointer), not in ngx.ctx: creating and releasing an ngx.ctx table
 -- per request cost 4 % of a proxied request's user-space instructions. A request's
@@ -311,7 +312,9 @@ local function request_state(self, ctx, picking)
   local by = self._by_request
   local st = by[r]
   local started = ngx.req.start_time()
-  if phase == "balancer" and picking and get_last_failure() == nil then
+  local failure, code
+  if phase == "balancer" and picking then failure, code = get_last_failure() end
+  if phase == "balancer" and picking and failure == nil then
     if st ~= nil and st ~= IN_CTX and st.live then
       local h = self._box.h
       if h ~= nil then self.lib.dynup_cancel(h, st.sel) end
@@ -328,7 +331,7 @@ local function request_state(self, ctx, picking)
     return st, phase
   end
   if st ~= nil and st ~= IN_CTX then
-    if st.started == started then return st, phase end
+    if st.started == started then return st, phase, nil, failure, code end
     st = nil -- another request's, which ended without log_by_lua
   end
   if st == nil and not picking then return nil, phase end
@@ -340,7 +343,7 @@ local function request_state(self, ctx, picking)
     ctx[self._ctx_key] = st
     by[r] = IN_CTX
   end
-  return st, phase
+  return st, phase, nil, failure, code
 end
 
 -- The last entry of an $upstream_* variable ("0.001, 0.002 : 0.003" → "0.003"). A
@@ -390,8 +393,8 @@ end
 -- nginx is retrying: balancer_by_lua runs again after the previous try failed. Its
 -- state is the last entry of each $upstream_* variable: the try being set up now has
 -- no peer yet, and nginx 1.22 prints such an entry as a bare " : " ("502 : ").
-local function report_failed_try(self, st)
-  local state, code = require("ngx.balancer").get_last_failure()
+-- `state` and `code`: what get_last_failure() said.
+local function report_failed_try(self, st, state, code)
   local var = ngx.var
   local connect = last_entry(var.upstream_connect_time)
   local header = last_entry(var.upstream_header_time)
@@ -414,12 +417,12 @@ end
 function Upstream:pick(key, ctx)
   local h = self._box.h
   if h == nil then return nil, nil, "resty.dynup: upstream " .. self.name .. " is closed" end
-  local st, phase, err = request_state(self, ctx, true)
+  local st, phase, err, failure, code = request_state(self, ctx, true)
   if not st then return nil, nil, err end
   if st.pooled then return nil, nil, "resty.dynup: this request's pick was already reported in log_by_lua" end
   if st.live then
     if phase == "balancer" then
-      report_failed_try(self, st)
+      report_failed_try(self, st, failure, code)
     else
       end_pick(self, st, 0, 0, true)
     end
