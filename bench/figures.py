@@ -140,8 +140,8 @@ def collect(results):
             if key:
                 v[f"lat.{key}.p50"] = float(row["p50"])
                 v[f"lat.{key}.p99"] = float(row["p99"])
-    for group, name in [("lua", "lua.summary"), ("nginx", "nginx.summary"), ("pin", "nginx-pin.summary"),
-                        ("proxy", "proxy.summary")]:
+    for group, name in [("lua", "lua.summary"), ("luapin", "lua-pin.summary"), ("nginx", "nginx.summary"),
+                        ("pin", "nginx-pin.summary"), ("proxy", "proxy.summary")]:
         if path(name):
             for k, x in read_summary(path(name)).items():
                 v[f"{group}.{k}"] = x
@@ -187,6 +187,11 @@ def cpu_row(v, run, mine, theirs, what):
     return f"{sig(a)} µs", f"{what}: {sig(b)} µs", ratio(a, b)
 
 
+def instructions_row(v, run, mine, theirs, what):
+    a, b = need(v, f"{run}.{mine}.instructions", f"{run}.{theirs}.instructions")
+    return f"{group_digits(a)}", f"{what}: {group_digits(b)}", ratio(a, b)
+
+
 def reload_row(v):
     m, mf, r, rf, rr, s = need(v, "nginx.module.rps", "nginx.module.failed", "nginx.reload.rps",
                                "nginx.reload.failed", "nginx.reload.requests", "nginx.static.rps")
@@ -229,10 +234,20 @@ ROWS = [
      lambda v: latency_row(v, "file")),
     ("lua", "lua", "OpenResty `resty.dynup` vs a static upstream, requests/s",
      lambda v: rps_row(v, "lua", "dynup", "static", "static upstream")),
+    ("lua", "lua", "a bare `balancer_by_lua` round robin (no dynup) vs a static upstream, requests/s",
+     lambda v: rps_row(v, "lua", "lua_rr", "static", "static upstream")),
     ("lua", "lua", "OpenResty `resty.dynup` vs the article's approach, requests/s",
      lambda v: rps_row(v, "lua", "dynup", "article", "the article's balancer")),
     ("lua", "lua", "OpenResty `resty.dynup` vs a static upstream, proxy CPU per request",
      lambda v: cpu_row(v, "lua", "dynup", "static", "static upstream")),
+    ("lua", "lua", "OpenResty `resty.dynup` vs a static upstream, user-space instructions per request",
+     lambda v: instructions_row(v, "lua", "dynup", "static", "static upstream")),
+    ("lua", "lua", "a bare `balancer_by_lua` round robin vs a static upstream, instructions per request",
+     lambda v: instructions_row(v, "lua", "lua_rr", "static", "static upstream")),
+    ("lua", "lua-pin", "OpenResty `resty.dynup` vs a static upstream, requests/s (proxy pinned to a CPU)",
+     lambda v: rps_row(v, "luapin", "dynup", "static", "static upstream")),
+    ("lua", "lua-pin", "a bare `balancer_by_lua` round robin vs a static upstream, requests/s (pinned)",
+     lambda v: rps_row(v, "luapin", "lua_rr", "static", "static upstream")),
     ("nginx", "nginx-pin", "native nginx module vs a static upstream, requests/s (proxy pinned to a CPU)",
      lambda v: rps_row(v, "pin", "module", "static", "static upstream")),
     ("nginx", "nginx-pin", "native nginx module vs a static upstream, proxy CPU per request (pinned)",
@@ -403,7 +418,9 @@ def selftest():
                *[f"pol.{p}" for p in POLICIES],
                *[f"up.{k}.{n}.{t}" for k in ("bare", "up") for n, t in [(100, 1), (10000, 1), (10000, 2)]],
                *[f"lat.{s}.{p}" for s in ("consul", "etcd", "put", "file") for p in ("p50", "p99")],
-               *[f"{r}.{m}.{x}" for r, modes in [("lua", ("static", "dynup", "article")),
+               *[f"lua.{m}.instructions" for m in ("static", "lua_rr", "dynup")],
+               *[f"{r}.{m}.{x}" for r, modes in [("lua", ("static", "lua_rr", "dynup", "article")),
+                                                 ("luapin", ("static", "lua_rr", "dynup")),
                                                  ("pin", ("static", "module")),
                                                  ("nginx", ("static", "module", "reload")),
                                                  ("proxy", ("direct", "proxy"))]

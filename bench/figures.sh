@@ -13,7 +13,8 @@
 #   policies   dynup_bench: pick at 10 000 peers per policy, against the targets
 #   upstream   dynup_bench: Upstream pick + report vs the bare picker
 #   latency    dynup_watch_latency --json: propagation p50/p99 per source
-#   lua        bench/lua_compare.sh: resty.dynup vs static vs the article's approach
+#   lua        bench/lua_compare.sh: resty.dynup vs static, a bare Lua balancer and the
+#              article's approach (requests/s, CPU, instructions), unpinned and pinned
 #   nginx      bench/nginx_compare.sh: the module vs static (PIN=1), and vs reloads
 #   proxy      bench/proxy_compare.sh: dynup-proxy vs straight to its backend
 # Environment:
@@ -161,7 +162,18 @@ if wants latency; then
   [ "$QUICK" = 1 ] && args=" --changes 10 --reps 2"
   run latency "$latency$args --json" bash -c "$latency$args --json >'$work/latency.json'"
 fi
-wants lua && compare lua "" "$short" bench/lua_compare.sh "$lib"
+if wants lua; then
+  # resty.dynup, a bare balancer_by_lua round robin (what any Lua balancer costs at
+  # least), the article's approach and static: side by side on the setup (two
+  # workers sharing the machine with wrk and the backends), with the instructions a
+  # request costs; then on a CPU of the proxy's own, where the proxy's cost decides.
+  pin="PIN=1 "
+  [ "$(nproc)" -ge 2 ] || pin=""
+  compare lua 'MODES="static lua_rr dynup article" REPEAT=7 DURATION=8 INSTRUCTIONS=1' \
+    "MODES=\"static lua_rr dynup article\" $short INSTRUCTIONS=1 IDURATION=1" bench/lua_compare.sh "$lib"
+  compare lua-pin "${pin}WORKERS=1 MODES=\"static lua_rr dynup\" REPEAT=7 DURATION=8" \
+    "${pin}WORKERS=1 MODES=\"static lua_rr dynup\" $short" bench/lua_compare.sh "$lib"
+fi
 if wants nginx; then
   # The module against static on a CPU of its own (the document's headline figure), then
   # the three modes side by side unpinned, for what reloads cost.
