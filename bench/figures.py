@@ -140,8 +140,8 @@ def collect(results):
             if key:
                 v[f"lat.{key}.p50"] = float(row["p50"])
                 v[f"lat.{key}.p99"] = float(row["p99"])
-    for group, name in [("lua", "lua.summary"), ("luapin", "lua-pin.summary"), ("nginx", "nginx.summary"),
-                        ("pin", "nginx-pin.summary"), ("proxy", "proxy.summary")]:
+    for group, name in [("lua", "lua.summary"), ("nginx", "nginx.summary"), ("pin", "nginx-pin.summary"),
+                        ("proxy", "proxy.summary")]:
         if path(name):
             for k, x in read_summary(path(name)).items():
                 v[f"{group}.{k}"] = x
@@ -240,14 +240,12 @@ ROWS = [
      lambda v: rps_row(v, "lua", "dynup", "article", "the article's balancer")),
     ("lua", "lua", "OpenResty `resty.dynup` vs a static upstream, proxy CPU per request",
      lambda v: cpu_row(v, "lua", "dynup", "static", "static upstream")),
+    ("lua", "lua", "a bare `balancer_by_lua` round robin vs a static upstream, proxy CPU per request",
+     lambda v: cpu_row(v, "lua", "lua_rr", "static", "static upstream")),
     ("lua", "lua", "OpenResty `resty.dynup` vs a static upstream, user-space instructions per request",
      lambda v: instructions_row(v, "lua", "dynup", "static", "static upstream")),
     ("lua", "lua", "a bare `balancer_by_lua` round robin vs a static upstream, instructions per request",
      lambda v: instructions_row(v, "lua", "lua_rr", "static", "static upstream")),
-    ("lua", "lua-pin", "OpenResty `resty.dynup` vs a static upstream, requests/s (proxy pinned to a CPU)",
-     lambda v: rps_row(v, "luapin", "dynup", "static", "static upstream")),
-    ("lua", "lua-pin", "a bare `balancer_by_lua` round robin vs a static upstream, requests/s (pinned)",
-     lambda v: rps_row(v, "luapin", "lua_rr", "static", "static upstream")),
     ("nginx", "nginx-pin", "native nginx module vs a static upstream, requests/s (proxy pinned to a CPU)",
      lambda v: rps_row(v, "pin", "module", "static", "static upstream")),
     ("nginx", "nginx-pin", "native nginx module vs a static upstream, proxy CPU per request (pinned)",
@@ -420,7 +418,6 @@ def selftest():
                *[f"lat.{s}.{p}" for s in ("consul", "etcd", "put", "file") for p in ("p50", "p99")],
                *[f"lua.{m}.instructions" for m in ("static", "lua_rr", "dynup")],
                *[f"{r}.{m}.{x}" for r, modes in [("lua", ("static", "lua_rr", "dynup", "article")),
-                                                 ("luapin", ("static", "lua_rr", "dynup")),
                                                  ("pin", ("static", "module")),
                                                  ("nginx", ("static", "module", "reload")),
                                                  ("proxy", ("direct", "proxy"))]

@@ -5,7 +5,7 @@
 # `<!-- figures:end -->` (bench/figures.py): what was measured, dynup's figure, what it is
 # compared to, the ratio, and the command. Everything outside the markers is left as it is.
 #
-#   bench/figures.sh                    # about 12 minutes on 2 CPUs; run it on a quiet machine
+#   bench/figures.sh                    # about 18 minutes on 2 CPUs; run it on a quiet machine
 #   QUICK=1 OUT=/tmp/perf.md bench/figures.sh
 #
 # Groups, in order (ONLY selects some; the others keep their rows):
@@ -14,12 +14,12 @@
 #   upstream   dynup_bench: Upstream pick + report vs the bare picker
 #   latency    dynup_watch_latency --json: propagation p50/p99 per source
 #   lua        bench/lua_compare.sh: resty.dynup vs static, a bare Lua balancer and the
-#              article's approach (requests/s, CPU, instructions), unpinned and pinned
+#              article's approach (requests/s, CPU and instructions per request)
 #   nginx      bench/nginx_compare.sh: the module vs static (PIN=1), and vs reloads
 #   proxy      bench/proxy_compare.sh: dynup-proxy vs straight to its backend
 # Environment:
 #   QUICK=1    every run shortened (one repetition, about a second of load per mode): a
-#              smoke test of under a minute whose section says it is not to be quoted
+#              smoke test of about a minute whose section says it is not to be quoted
 #   ONLY="g …" the groups to run (default: all)
 #   OUT=path   the rewritten document goes there (default: docs/PERFORMANCE.md, in place)
 #   BUILD=dir  the build folder (default build/bench), configured Release and built with
@@ -163,16 +163,14 @@ if wants latency; then
   run latency "$latency$args --json" bash -c "$latency$args --json >'$work/latency.json'"
 fi
 if wants lua; then
-  # resty.dynup, a bare balancer_by_lua round robin (what any Lua balancer costs at
-  # least), the article's approach and static: side by side on the setup (two
-  # workers sharing the machine with wrk and the backends), with the instructions a
-  # request costs; then on a CPU of the proxy's own, where the proxy's cost decides.
-  pin="PIN=1 "
-  [ "$(nproc)" -ge 2 ] || pin=""
+  # resty.dynup, a bare balancer_by_lua round robin (the least any Lua balancer costs),
+  # the article's approach and static, side by side on the setup (two workers
+  # sharing the machine with wrk and the backends), with the instructions a request
+  # costs. Requests/s move with whichever program the machine's noise slows; CPU and
+  # instructions per request are the proxy's own. (Pinning does not help here: on two
+  # CPUs wrk and the backends saturate theirs as soon as the proxy does.)
   compare lua 'MODES="static lua_rr dynup article" REPEAT=7 DURATION=8 INSTRUCTIONS=1' \
     "MODES=\"static lua_rr dynup article\" $short INSTRUCTIONS=1 IDURATION=1" bench/lua_compare.sh "$lib"
-  compare lua-pin "${pin}WORKERS=1 MODES=\"static lua_rr dynup\" REPEAT=7 DURATION=8" \
-    "${pin}WORKERS=1 MODES=\"static lua_rr dynup\" $short" bench/lua_compare.sh "$lib"
 fi
 if wants nginx; then
   # The module against static on a CPU of its own (the document's headline figure), then

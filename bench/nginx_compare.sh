@@ -58,7 +58,9 @@
 # PIN=1 (2+ CPUs, WORKERS=1): the proxy's worker on CPU 0 (worker_cpu_affinity), the
 # backends and wrk on CPU 1 (worker_cpu_affinity, taskset), so that the proxy's CPU is
 # its own and the modes are compared on the CPU they use rather than through the noise
-# of three programs sharing two CPUs.
+# of three programs sharing two CPUs. Requests/s still depend on which CPU saturates
+# first: on 2 CPUs wrk and the backends can need as much CPU as the proxy, and then the
+# modes' requests/s converge. The proxy's CPU per request is its own either way.
 # INSTRUCTIONS=1 (needs valgrind) adds a pass that counts, under callgrind, the
 # user-space instructions one request costs a single-process proxy in each mode but
 # reload (IDURATION=5 seconds of wrk -t1 -c4): a figure the machine's load does not move.
