@@ -191,6 +191,13 @@ struct ProxyUpstream {
 
 inline std::string pool_key(const dynup::Peer& peer) { return peer.host + "|" + std::to_string(peer.port); }
 
+/// Erases the entries of a map for which `drop(entry)` is true (std::erase_if before C++20).
+template <class Map, class Drop>
+void erase_entries(Map& map, Drop&& drop) {
+  for (auto it = map.begin(); it != map.end();)
+    it = drop(*it) ? map.erase(it) : std::next(it);
+}
+
 /// Drops the pools (and failure counts) of peers no longer in the upstream's set, and
 /// with them their idle connections: peers that come and go (new addresses on every
 /// deploy) must not hold sockets and memory for ever. Does the work once per new set
@@ -209,19 +216,15 @@ inline void prune_pools(ProxyUpstream& pu) {
   {
     std::unique_lock<std::shared_mutex> lock(pu.pools_mu);
     if (v <= pu.pruned_version.load(std::memory_order_relaxed)) return;
-    for (auto it = pu.pools.begin(); it != pu.pools.end();) {
-      if (live_addresses.count(it->first) != 0) {
-        ++it;
-        continue;
-      }
-      dropped.push_back(std::move(it->second));
-      it = pu.pools.erase(it);
-    }
+    erase_entries(pu.pools, [&](auto& entry) {
+      if (live_addresses.count(entry.first) != 0) return false;
+      dropped.push_back(std::move(entry.second));
+      return true;
+    });
     pu.pruned_version.store(v, std::memory_order_release);
   }
   std::lock_guard<std::mutex> lock(pu.failures_mu);
-  for (auto it = pu.failures_by_peer.begin(); it != pu.failures_by_peer.end();)
-    it = live_ids.count(it->first) != 0 ? std::next(it) : pu.failures_by_peer.erase(it);
+  erase_entries(pu.failures_by_peer, [&](const auto& entry) { return live_ids.count(entry.first) == 0; });
 }
 
 class Proxy {
