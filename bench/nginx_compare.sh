@@ -9,7 +9,8 @@
 #            peer, even ones add it back (with PEERS=1: its weight goes 1 ↔ 2). What
 #            reloading costs: failed requests and p99 next to the other modes'
 #   dynup    balancer_by_lua + resty.dynup (examples/lua) on a file source, round_robin:
-#            pick() in balancer_by_lua and report() in log_by_lua, as documented
+#            balance() in balancer_by_lua and report() in log_by_lua, the module kept in
+#            a global made in init_by_lua, as its README recommends
 #   article  the approach of the article in seed/: the peer list stored once as a JSON
 #            string in a lua_shared_dict (init_by_lua), then on EVERY request
 #            balancer_by_lua does shared_dict:get + cjson.decode of the whole list +
@@ -380,23 +381,15 @@ proxy_config() {
       echo "  }"
       ;;
     dynup)
+      echo "  init_by_lua_block { dynup = require \"resty.dynup\" }"
       echo "  init_worker_by_lua_block {"
-      echo "    local up, err = require(\"resty.dynup\").new({name = \"backend\", source = \"file://$dir/peers.json\","
+      echo "    local up, err = dynup.new({name = \"backend\", source = \"file://$dir/peers.json\","
       echo "                                                policy = \"round_robin\"}, {lib = \"$lib\"})"
       echo "    if not up then ngx.log(ngx.ERR, \"dynup: \", err) end"
       echo "  }"
       echo "  upstream backend {"
       echo "    server 0.0.0.1;"
-      echo "    balancer_by_lua_block {"
-      echo "      local dynup = require \"resty.dynup\""
-      echo "      local host, port, err = dynup.get(\"backend\"):pick()"
-      echo "      if not host then"
-      echo "        ngx.log(ngx.ERR, \"dynup: \", err)"
-      echo "        return ngx.exit(dynup.NO_LIVE_UPSTREAMS)"
-      echo "      end"
-      echo "      local ok, set_err = require(\"ngx.balancer\").set_current_peer(host, port)"
-      echo "      if not ok then ngx.log(ngx.ERR, set_err) return ngx.exit(ngx.ERROR) end"
-      echo "    }"
+      echo "    balancer_by_lua_block { dynup.get(\"backend\"):balance() }"
       echo "    keepalive 32;"
       echo "  }"
       ;;
@@ -447,7 +440,7 @@ proxy_config() {
   echo "      proxy_pass http://backend;"
   echo "      proxy_http_version 1.1;"
   echo "      proxy_set_header Connection \"\";"
-  [ "$mode" = dynup ] && echo "      log_by_lua_block { require(\"resty.dynup\").get(\"backend\"):report() }"
+  [ "$mode" = dynup ] && echo "      log_by_lua_block { dynup.get(\"backend\"):report() }"
   echo "    }"
   echo "  }"
   echo "}"

@@ -127,9 +127,9 @@ TEST_CASE("lua binding: a file change moves the traffic of both workers within 1
   CHECK(after == before);
 }
 
-TEST_CASE("lua binding: a dead peer is retried on a live one, with no client errors") {
-  require_lua_nginx();
-  LuaNginx ngx(2, 1, {0, 1});
+// With balance() (the README's way) and with the same steps written out in the block.
+static void dead_peer_is_retried(dynup_test::LuaBalancer style) {
+  LuaNginx ngx(2, 1, {0, 1}, json::object(), style);
   ngx.write_peers(ngx.peers_doc({0, 1}, {0})); // add a port nothing listens on
   // Both workers see the new file before the traffic starts.
   REQUIRE(dynup_test::wait_until(
@@ -159,5 +159,41 @@ TEST_CASE("lua binding: a dead peer is retried on a live one, with no client err
     REQUIRE(dead != nullptr);
     CHECK(dead->at("available") == false);
     CHECK(dead->at("reason").get<std::string>().find("passive") != std::string::npos);
+  }
+}
+
+TEST_CASE("lua binding: a dead peer is retried on a live one, with no client errors") {
+  require_lua_nginx();
+  SUBCASE("balance()") { dead_peer_is_retried(dynup_test::LuaBalancer::balance); }
+  SUBCASE("pick() and set_current_peer in the block") {
+    dead_peer_is_retried(dynup_test::LuaBalancer::explicit_steps);
+  }
+}
+
+TEST_CASE("lua binding: no peer left answers 502, and every pick ends") {
+  require_lua_nginx();
+  LuaNginx ngx(1, 1, {0});
+  ngx.write_peers(ngx.peers_doc({}, {0})); // only a port nothing listens on
+  REQUIRE(dynup_test::wait_until(
+      [&] {
+        for (const auto& [worker, status] : status_by_worker(ngx))
+          if (status.at("peers").size() != 1 || peer_by_id(status, "dead0") == nullptr) return false;
+        return true;
+      },
+      5000ms));
+  // The first try is refused and the retry finds every peer tried (later requests: the
+  // peer taken out): balance() ends the balancer with NO_LIVE_UPSTREAMS, which nginx
+  // answers as its own "no live upstreams".
+  for (int i = 0; i < 6; ++i) {
+    const dynup_test::NginxReply r = ngx.get();
+    INFO(describe(r));
+    CHECK(r.status == 502);
+  }
+  // balance() logged why: "all available peers already tried" on a retry, or "all peers
+  // unavailable" once passive health has taken the peer out.
+  CHECK(ngx.error_log().find("upstream api: all ") != std::string::npos);
+  for (const auto& [worker, status] : status_by_worker(ngx)) {
+    INFO("worker " << worker << ": " << status.dump());
+    for (const json& p : status.at("peers")) CHECK(p.at("in_flight") == 0);
   }
 }

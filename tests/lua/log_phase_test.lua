@@ -9,7 +9,15 @@ local t = dofile((arg[0]:match("^(.*)/") or ".") .. "/helpers.lua")
 -- status, and what get_last_failure() says: nil on a request's first try.
 local phase, current, vars, last_failure = "init_worker", nil, {}, nil
 local ctx_reads, var_reads, clock, failure_calls = 0, {}, 1000, 0
+-- What balance() hands to nginx: set_current_peer's arguments, set_more_tries' count,
+-- ngx.exit's code and ngx.log's messages; set_current_peer fails while `refuse_peer`.
+local balancer_calls, refuse_peer = {}, false
+local function record(entry) balancer_calls[#balancer_calls + 1] = entry end
 ngx = setmetatable({
+  ERR = 4,
+  ERROR = -1,
+  log = function(_, ...) record("log " .. table.concat({...})) end,
+  exit = function(code) record("exit " .. code) end,
   get_phase = function() return phase end,
   req = { start_time = function() return current.started end },
   var = setmetatable({}, { __index = function(_, k)
@@ -27,11 +35,19 @@ package.preload["resty.core.base"] = function()
   return { get_request = function() return current.r end }
 end
 package.preload["ngx.balancer"] = function()
-  return { get_last_failure = function()
-    failure_calls = failure_calls + 1
-    if last_failure == nil then return nil end
-    return last_failure, 502
-  end }
+  return {
+    get_last_failure = function()
+      failure_calls = failure_calls + 1
+      if last_failure == nil then return nil end
+      return last_failure, 502
+    end,
+    set_current_peer = function(host, port)
+      if refuse_peer then return nil, "no resolver defined to resolve \"" .. host .. "\"" end
+      record("peer " .. host .. ":" .. port)
+      return true
+    end,
+    set_more_tries = function(n) record("more_tries " .. n) return true end,
+  }
 end
 
 local dynup = require "resty.dynup"
@@ -199,6 +215,37 @@ current.ctx = {}
 collectgarbage()
 collectgarbage()
 t.eq(t.count(up:status(), '"in_flight":0'), 2, "a dropped pick is cancelled")
+
+-- balance(): pick and set_current_peer in one call; set_more_tries on the first try
+-- only; a retry goes to the peer not tried yet; no peer left: logged, NO_LIVE_UPSTREAMS.
+request()
+balancer_calls = {}
+t.eq(up:balance(nil, 2), true, "balance")
+local first_peer = balancer_calls[2]
+t.eq(balancer_calls[1], "more_tries 2", "set_more_tries on the first try")
+t.contains(first_peer, "peer 10.0.0.", "set_current_peer with the pick")
+t.eq(#balancer_calls, 2, "nothing else")
+retry({upstream_connect_time = "-", upstream_header_time = "-", upstream_response_time = "0.000",
+       upstream_status = "502"})
+balancer_calls = {}
+t.eq(up:balance(nil, 2), true, "balance on a retry")
+t.eq(#balancer_calls, 1, "no set_more_tries on a retry")
+assert(balancer_calls[1] ~= first_peer and balancer_calls[1]:find("peer 10.0.0.", 1, true), "the other peer")
+retry({upstream_connect_time = "-, -", upstream_header_time = "-, -", upstream_response_time = "0.000, 0.000",
+       upstream_status = "502, 502"})
+balancer_calls = {}
+up:balance(nil, 2)
+t.eq(balancer_calls[1], "log upstream api: all available peers already tried", "no peer left: logged")
+t.eq(balancer_calls[2], "exit " .. dynup.NO_LIVE_UPSTREAMS, "and NO_LIVE_UPSTREAMS")
+t.eq(t.count(up:status(), '"in_flight":0'), 2, "every try ended")
+-- set_current_peer refusing the address (a name with no resolver): the pick is cancelled.
+request()
+refuse_peer, balancer_calls = true, {}
+up:balance()
+refuse_peer = false
+t.contains(balancer_calls[1], "log resty.dynup: set_current_peer(10.0.0.", "a refused address is logged")
+t.eq(balancer_calls[2], "exit " .. ngx.ERROR, "and the balancer ends with ngx.ERROR")
+t.eq(t.count(up:status(), '"in_flight":0'), 2, "its pick was cancelled")
 
 up:close()
 

@@ -66,9 +66,18 @@ inline std::string lua_nginx_missing_reason(const std::string& nginx) {
 /// One response through the proxy.
 using LuaReply = NginxReply;
 
+/// How balancer_by_lua drives the binding.
+enum class LuaBalancer {
+  /// `dynup.get("api"):balance(key, 2)`, `dynup` a global made in init_by_lua: what the
+  /// binding's README recommends.
+  balance,
+  /// pick(), tries(), set_more_tries and set_current_peer written out in the block.
+  explicit_steps,
+};
+
 /// nginx with lua-nginx-module running the Lua binding: the upstream's JSON config is
-/// made into a handle per worker in init_worker_by_lua, balancer_by_lua picks, log_by_lua
-/// reports, /status prints the handle's status.
+/// made into a handle per worker in init_worker_by_lua, balancer_by_lua picks (`style`),
+/// log_by_lua reports, /status prints the handle's status.
 class LuaNginx : public WorkerNginx {
 public:
   /// `backends` answering servers, `dead` ports with nothing listening; the peer file
@@ -76,13 +85,17 @@ public:
   /// the upstream's JSON config (policy, health, shared, or a "source" other than the
   /// peer file).
   LuaNginx(std::size_t backends, std::size_t dead, std::vector<std::size_t> initial,
-           nlohmann::json upstream_extra = nlohmann::json::object())
-      : WorkerNginx("nginx (lua)", shape(backends, dead, std::move(initial)), configure(std::move(upstream_extra))) {}
+           nlohmann::json upstream_extra = nlohmann::json::object(), LuaBalancer style = LuaBalancer::balance)
+      : WorkerNginx("nginx (lua)", shape(backends, dead, std::move(initial)),
+                    configure(std::move(upstream_extra), style)) {}
 
 private:
   // The body of `upstream api`: a pick per try (keyed by X-Key), two retries allowed, the
   // request ended when no peer is live. nginx wants a `server` line: a placeholder.
-  static constexpr const char* balancer = R"(    server 0.0.0.1;
+  static constexpr const char* balance_balancer = R"(    server 0.0.0.1;
+    balancer_by_lua_block { dynup.get("api"):balance(ngx.var.http_x_key, 2) }
+)";
+  static constexpr const char* explicit_balancer = R"(    server 0.0.0.1;
     balancer_by_lua_block {
       local balancer = require "ngx.balancer"
       local dynup = require "resty.dynup"
@@ -111,8 +124,8 @@ private:
     return s;
   }
 
-  static WorkerNginxConfigure configure(nlohmann::json extra) {
-    return [extra = std::move(extra)](const WorkerNginx& n) {
+  static WorkerNginxConfigure configure(nlohmann::json extra, LuaBalancer style) {
+    return [extra = std::move(extra), style](const WorkerNginx& n) {
       const std::string modules = nginx_modules_dir(nginx_binary());
       nlohmann::json upstream = extra;
       upstream["name"] = "api";
@@ -121,13 +134,14 @@ private:
       l.load_modules = {modules + "/ndk_http_module.so", modules + "/ngx_http_lua_module.so"};
       l.http += "  lua_package_path \"" + std::string(DYNUP_LUA_LIB_DIR) + "/?.lua;" + resty_core_dir() +
                 "/?.lua;;\";\n";
+      l.http += "  init_by_lua_block { dynup = require \"resty.dynup\" }\n";
       l.http += "  init_worker_by_lua_block {\n";
       l.http += "    local up, err = require(\"resty.dynup\").new([==[" + upstream.dump() + "]==], {lib = \"" +
                 std::string(DYNUP_C_LIB) + "\"})\n";
       l.http += "    if not up then ngx.log(ngx.ERR, \"dynup: \", err) end\n";
       l.http += "  }\n";
-      l.upstream = balancer;
-      l.proxy += "      log_by_lua_block { require(\"resty.dynup\").get(\"api\"):report() }\n";
+      l.upstream = style == LuaBalancer::balance ? balance_balancer : explicit_balancer;
+      l.proxy += "      log_by_lua_block { dynup.get(\"api\"):report() }\n";
       l.status += "      content_by_lua_block { ngx.print(require(\"resty.dynup\").get(\"api\"):status()) }\n";
       return l;
     };

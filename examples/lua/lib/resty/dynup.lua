@@ -2,18 +2,15 @@
 -- libdynup_c (include/dynup/c/dynup.h). Peers come from a registry or a file, watched by
 -- dynup's own threads: nothing polls from Lua and nothing is decoded per request.
 --
+--   init_by_lua_block { dynup = require "resty.dynup" }   -- a global: no require per request
 --   init_worker_by_lua_block {   -- one handle per worker: never in init_by_lua (the master)
---       assert(require("resty.dynup").new({name = "api", source = "file:///etc/dynup/api.json"}))
+--       assert(dynup.new({name = "api", source = "file:///etc/dynup/api.json"}))
 --   }
---   balancer_by_lua_block {
---       local dynup = require "resty.dynup"
---       local up = dynup.get("api")
---       local host, port, err = up:pick(ngx.var.http_x_key)
---       if not host then ngx.log(ngx.ERR, err) return ngx.exit(dynup.NO_LIVE_UPSTREAMS) end
---       if up:tries() == 1 then require("ngx.balancer").set_more_tries(2) end
---       assert(require("ngx.balancer").set_current_peer(host, port))
---   }
---   log_by_lua_block { require("resty.dynup").get("api"):report() }
+--   balancer_by_lua_block { dynup.get("api"):balance(ngx.var.http_x_key, 2) }
+--   log_by_lua_block { dynup.get("api"):report() }
+--
+-- balance() is pick() + ngx.balancer.set_current_peer (+ set_more_tries on the first try,
+-- + ngx.exit(NO_LIVE_UPSTREAMS) when no peer is left); pick() alone gives host and port.
 --
 -- A pick lives from balancer_by_lua to log_by_lua, filed under the request. When nginx retries
 -- (proxy_next_upstream), balancer_by_lua runs again: pick() first reports the failed try
@@ -407,14 +404,8 @@ local function report_failed_try(self, st, state, code)
   return end_pick(self, st, tonumber(code) or 0, latency, false)
 end
 
---- Picks a peer for this request: `host, port` (an IPv6 host comes in brackets, as
---- ngx.balancer.set_current_peer wants it), or nil, nil and the reason ("upstream api:
---- all peers unavailable"). In balancer_by_lua the request's state is filed under the
---- nginx request (elsewhere in nginx: in ngx.ctx); a second call for one request is a retry: the previous try is reported as failed
---- first, and every peer tried so far is excluded. Outside nginx pass `ctx`, a table
---- kept for the request: a pick while the previous one is live reports that one as a
---- failed connection, as nginx would.
-function Upstream:pick(key, ctx)
+-- pick(), and the request's state (nil on an error) for balance().
+local function pick(self, key, ctx)
   local h = self._box.h
   if h == nil then return nil, nil, "resty.dynup: upstream " .. self.name .. " is closed" end
   local st, phase, err, failure, code = request_state(self, ctx, true)
@@ -445,7 +436,48 @@ function Upstream:pick(key, ctx)
   st.tries = st.tries + 1
   local host = ffi_string(sel.host, sel.host_len)
   if host:find(":", 1, true) then host = "[" .. host .. "]" end
-  return host, sel.port
+  return host, sel.port, nil, st
+end
+
+--- Picks a peer for this request: `host, port` (an IPv6 host comes in brackets, as
+--- ngx.balancer.set_current_peer wants it), or nil, nil and the reason ("upstream api:
+--- all peers unavailable"). In balancer_by_lua the request's state is filed under the
+--- nginx request (elsewhere in nginx: in ngx.ctx); a second call for one request is a
+--- retry: the previous try is reported as failed first, and every peer tried so far is
+--- excluded. Outside nginx pass `ctx`, a table kept for the request: a pick while the
+--- previous one is live reports that one as a failed connection, as nginx would.
+function Upstream:pick(key, ctx)
+  local host, port, err = pick(self, key, ctx)
+  return host, port, err
+end
+
+local set_current_peer, set_more_tries -- ngx.balancer's, loaded with the first balance()
+
+--- balancer_by_lua in one call: pick() for `key`, ngx.balancer.set_current_peer, and on
+--- the request's first try set_more_tries(`more_tries`) when given (nginx counts the
+--- upstream block's placeholder server as its only peer: without it a failed try is not
+--- retried). Returns true. When no peer is left it logs why (at ERR) and ends the
+--- balancer with NO_LIVE_UPSTREAMS, nginx's 502; when set_current_peer refuses the address
+--- it cancels the pick, logs, and ends it with ngx.ERROR (500). Cheaper than the same
+--- steps written in the balancer_by_lua block, whose calls LuaJIT interprets per request.
+function Upstream:balance(key, more_tries)
+  local host, port, err, st = pick(self, key)
+  if not host then
+    ngx.log(ngx.ERR, err)
+    return ngx.exit(_M.NO_LIVE_UPSTREAMS)
+  end
+  if set_current_peer == nil then
+    local balancer = require "ngx.balancer"
+    set_current_peer, set_more_tries = balancer.set_current_peer, balancer.set_more_tries
+  end
+  if more_tries ~= nil and more_tries > 0 and st.tries == 1 then set_more_tries(more_tries) end
+  local ok, set_err = set_current_peer(host, port)
+  if not ok then
+    end_pick(self, st, nil)
+    ngx.log(ngx.ERR, "resty.dynup: set_current_peer(", host, ", ", port, "): ", set_err)
+    return ngx.exit(ngx.ERROR)
+  end
+  return true
 end
 
 -- In log_by_lua the request is over: its state, selection ended, goes back to the
