@@ -211,6 +211,22 @@ def pick_rows():
     return rows
 
 
+def lua_rows():
+    dynup, bare = "OpenResty `resty.dynup`", "a bare `balancer_by_lua` round robin"
+    static = ("static", "static upstream")
+    table = [  # figure, row function, mode, the mode it is compared to and its name
+        (f"{dynup} vs a static upstream, requests/s", rps_row, "dynup", *static),
+        (f"{bare} (no dynup) vs a static upstream, requests/s", rps_row, "lua_rr", *static),
+        (f"{dynup} vs the article's approach, requests/s", rps_row, "dynup", "article", "the article's balancer"),
+        (f"{dynup} vs a static upstream, proxy CPU per request", cpu_row, "dynup", *static),
+        (f"{bare} vs a static upstream, proxy CPU per request", cpu_row, "lua_rr", *static),
+        (f"{dynup} vs a static upstream, user-space instructions per request", instructions_row, "dynup", *static),
+        (f"{bare} vs a static upstream, instructions per request", instructions_row, "lua_rr", *static),
+    ]
+    return [("lua", "lua", figure, lambda v, f=f, m=m, t=t, w=w: f(v, "lua", m, t, w))
+            for figure, f, m, t, w in table]
+
+
 # (group, command key, figure, function of the values -> (dynup, compared to, ratio))
 ROWS = [
     ("publisher", "publisher", "`snapshot()` with nothing changed, 1 thread, per call",
@@ -232,20 +248,7 @@ ROWS = [
      lambda v: latency_row(v, "etcd", "put")),
     ("latency", "latency", "file: rename → published, p50 / p99 (spaced 100 ms; includes the 20 ms settle)",
      lambda v: latency_row(v, "file")),
-    ("lua", "lua", "OpenResty `resty.dynup` vs a static upstream, requests/s",
-     lambda v: rps_row(v, "lua", "dynup", "static", "static upstream")),
-    ("lua", "lua", "a bare `balancer_by_lua` round robin (no dynup) vs a static upstream, requests/s",
-     lambda v: rps_row(v, "lua", "lua_rr", "static", "static upstream")),
-    ("lua", "lua", "OpenResty `resty.dynup` vs the article's approach, requests/s",
-     lambda v: rps_row(v, "lua", "dynup", "article", "the article's balancer")),
-    ("lua", "lua", "OpenResty `resty.dynup` vs a static upstream, proxy CPU per request",
-     lambda v: cpu_row(v, "lua", "dynup", "static", "static upstream")),
-    ("lua", "lua", "a bare `balancer_by_lua` round robin vs a static upstream, proxy CPU per request",
-     lambda v: cpu_row(v, "lua", "lua_rr", "static", "static upstream")),
-    ("lua", "lua", "OpenResty `resty.dynup` vs a static upstream, user-space instructions per request",
-     lambda v: instructions_row(v, "lua", "dynup", "static", "static upstream")),
-    ("lua", "lua", "a bare `balancer_by_lua` round robin vs a static upstream, instructions per request",
-     lambda v: instructions_row(v, "lua", "lua_rr", "static", "static upstream")),
+    *lua_rows(),
     ("nginx", "nginx-pin", "native nginx module vs a static upstream, requests/s (proxy pinned to a CPU)",
      lambda v: rps_row(v, "pin", "module", "static", "static upstream")),
     ("nginx", "nginx-pin", "native nginx module vs a static upstream, proxy CPU per request (pinned)",
