@@ -55,8 +55,11 @@ void upstream_config(std::string_view text) {
   if (!c) {
     DYNUP_FUZZ_CHECK(c.error().code() == dynup::Errc::invalid_argument, c.error().message());
     if (doc.is_object())
-      if (auto s = doc.find("source"); s != doc.end() && s->is_string())
-        dynup_fuzz::check_no_token(s->get_ref<const std::string&>(), c.error().message());
+      if (auto s = doc.find("source"); s != doc.end() && s->is_string()) {
+        nlohmann::json others = doc;
+        others.erase("source");
+        dynup_fuzz::check_no_token(s->get_ref<const std::string&>(), c.error().message(), others.dump());
+      }
     return;
   }
   DYNUP_FUZZ_CHECK(dynup::detail::valid_upstream_name(c->name), c->name);
