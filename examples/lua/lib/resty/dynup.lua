@@ -272,7 +272,8 @@ end
 
 -- Marks a request whose state lives in ngx.ctx (a pick outside balancer_by_lua).
 local IN_CTX = {}
-local get_request, get_last_failure -- resty.core's, loaded with the first request
+-- resty.core's, loaded with the first request (balance() runs after a pick, so after it).
+local get_request, get_last_failure, set_current_peer, set_more_tries
 
 -- The request's state (nil when it has none), the nginx phase when `ctx` is nil, and an
 -- error outside a request. `picking`: pick() asks, and may start a state; in
@@ -300,7 +301,9 @@ local function request_state(self, ctx, picking)
   if not phase then return nil, nil, "resty.dynup: outside an nginx request, pass the request's state table" end
   if get_request == nil then
     get_request = require("resty.core.base").get_request
-    get_last_failure = require("ngx.balancer").get_last_failure
+    local balancer = require "ngx.balancer"
+    get_last_failure, set_current_peer, set_more_tries =
+      balancer.get_last_failure, balancer.set_current_peer, balancer.set_more_tries
   end
   -- get_request() gives a new cdata each call (a void*), which as a table key would
   -- match only itself: file under its address.
@@ -310,22 +313,24 @@ local function request_state(self, ctx, picking)
   local st = by[r]
   local started = ngx.req.start_time()
   local failure, code
-  if phase == "balancer" and picking then failure, code = get_last_failure() end
-  if phase == "balancer" and picking and failure == nil then
-    if st ~= nil and st ~= IN_CTX and st.live then
-      local h = self._box.h
-      if h ~= nil then self.lib.dynup_cancel(h, st.sel) end
-      st.live = false
+  if phase == "balancer" and picking then
+    failure, code = get_last_failure()
+    if failure == nil then -- a first try
+      if st ~= nil and st ~= IN_CTX and st.live then
+        local h = self._box.h
+        if h ~= nil then self.lib.dynup_cancel(h, st.sel) end
+        st.live = false
+      end
+      if st == nil or st == IN_CTX or st.pooled then
+        st = take_state(self)
+        st.r = r
+        by[r] = st
+      else
+        st.live, st.ended, st.tries, st.n = false, false, 0, 0
+      end
+      st.started = started
+      return st, phase
     end
-    if st == nil or st == IN_CTX or st.pooled then
-      st = take_state(self)
-      st.r = r
-      by[r] = st
-    else
-      st.live, st.ended, st.tries, st.n = false, false, 0, 0
-    end
-    st.started = started
-    return st, phase
   end
   if st ~= nil and st ~= IN_CTX then
     if st.started == started then return st, phase, nil, failure, code end
@@ -451,8 +456,6 @@ function Upstream:pick(key, ctx)
   return host, port, err
 end
 
-local set_current_peer, set_more_tries -- ngx.balancer's, loaded with the first balance()
-
 --- balancer_by_lua in one call: pick() for `key`, ngx.balancer.set_current_peer, and on
 --- the request's first try set_more_tries(`more_tries`) when given (nginx counts the
 --- upstream block's placeholder server as its only peer: without it a failed try is not
@@ -465,10 +468,6 @@ function Upstream:balance(key, more_tries)
   if not host then
     ngx.log(ngx.ERR, err)
     return ngx.exit(_M.NO_LIVE_UPSTREAMS)
-  end
-  if set_current_peer == nil then
-    local balancer = require "ngx.balancer"
-    set_current_peer, set_more_tries = balancer.set_current_peer, balancer.set_more_tries
   end
   if more_tries ~= nil and more_tries > 0 and st.tries == 1 then set_more_tries(more_tries) end
   local ok, set_err = set_current_peer(host, port)
