@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -32,6 +33,7 @@
 #include <shared_mutex>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
@@ -260,8 +262,13 @@ public:
         int one = 1;
         ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
       });
+      errno = 0;
       port = l.port == 0 ? s.bind_to_any_port(l.host) : (s.bind_to_port(l.host, l.port) ? l.port : -1);
-      if (port < 0) return Error(dynup::Errc::io_error, "cannot listen on " + l.text());
+      if (port < 0) {
+        const int e = errno; // "Address already in use" tells a taken port from a missing address
+        return Error(dynup::Errc::io_error,
+                     "cannot listen on " + l.text() + (e != 0 ? ": " + std::generic_category().message(e) : ""));
+      }
       ::listen(fd, 1024); // cpp-httplib's own backlog is 5: a burst of connections would wait for SYN retries
       return {};
     };

@@ -1081,6 +1081,26 @@ TEST_CASE("proxy: --check accepts a valid config and names the JSON path of a ba
   CHECK(contains(err, "not valid JSON"));
 }
 
+TEST_CASE("proxy: a listen port another process holds ends the start with exit 1 and the reason") {
+  TempDir dir;
+  write_by_rename(dir.file("peers.json"), R"({"peers":["127.0.0.1:9"]})");
+  Backend holder("holder"); // listens on the port the proxy is told to take
+  for (const bool admin : {false, true}) {
+    CAPTURE(admin);
+    json config = proxy_config(json::array({file_upstream("svc", dir.file("peers.json"))}));
+    const std::string taken = "127.0.0.1:" + std::to_string(holder.port());
+    (admin ? config["admin"]["listen"] : config["listen"]) = taken;
+    Process p({DYNUP_PROXY_BIN, "--config", write_config(dir, config)});
+    auto st = p.wait_exit(start_timeout);
+    REQUIRE_MESSAGE(st.has_value(), "dynup-proxy went on without its listener");
+    CHECK(st->exited);
+    CHECK(st->code == 1);
+    const std::string err = p.read_all(Stream::err, 1000ms);
+    CHECK(contains(err, "cannot listen on " + taken + ": Address already in use"));
+    CHECK(contains(err, "admin") == admin);
+  }
+}
+
 TEST_CASE("proxy: wrk through the proxy while its peer file changes 100 times sees no error") {
   const std::string why = dynup_test::wrk_missing_reason();
   REQUIRE_MESSAGE(why.empty(), why);
