@@ -62,29 +62,42 @@ wait_200() {
   return 1
 }
 
-backend_port=$(free_port)
+# The backend nginx on a free port; another process may take it before nginx binds it,
+# so a start that finds it taken picks another.
 mkdir -p "$work/backend"
-{
-  [ "$(id -u)" -eq 0 ] && echo "user root;"
-  echo "worker_processes 1; daemon off; pid $work/backend/nginx.pid; error_log $work/backend/error.log warn;"
-  echo "events { worker_connections 4096; }"
-  echo "http { access_log off; keepalive_requests 1000000;"
-  for t in client_body proxy fastcgi uwsgi scgi; do echo "  ${t}_temp_path $work/backend/$t;"; done
-  echo "  server { listen 127.0.0.1:$backend_port; location / { return 200 \"ok\n\"; } } }"
-} >"$work/backend/nginx.conf"
-"$NGINX" -p "$work/backend/" -c "$work/backend/nginx.conf" </dev/null >"$work/backend/stdout.log" 2>&1 &
-children+=($!)
-wait_200 "http://127.0.0.1:$backend_port/" || die "the backend nginx did not start: $(cat "$work/backend/error.log")"
+for _ in 1 2 3 4 5; do
+  backend_port=$(free_port)
+  {
+    [ "$(id -u)" -eq 0 ] && echo "user root;"
+    echo "worker_processes 1; daemon off; pid $work/backend/nginx.pid; error_log $work/backend/error.log warn;"
+    echo "events { worker_connections 4096; }"
+    echo "http { access_log off; keepalive_requests 1000000;"
+    for t in client_body proxy fastcgi uwsgi scgi; do echo "  ${t}_temp_path $work/backend/$t;"; done
+    echo "  server { listen 127.0.0.1:$backend_port; location / { return 200 \"ok\n\"; } } }"
+  } >"$work/backend/nginx.conf"
+  rm -f "$work/backend/error.log"
+  "$NGINX" -p "$work/backend/" -c "$work/backend/nginx.conf" </dev/null >"$work/backend/stdout.log" 2>&1 &
+  children+=($!)
+  wait_200 "http://127.0.0.1:$backend_port/" && break
+  kill -TERM "${children[-1]}" 2>/dev/null || true
+  wait "${children[-1]}" 2>/dev/null || true
+  grep -qs "Address already in use" "$work/backend/error.log" "$work/backend/stdout.log" ||
+    die "the backend nginx did not start: $(cat "$work/backend/error.log" "$work/backend/stdout.log" 2>/dev/null)"
+done
+[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://127.0.0.1:$backend_port/" || true)" = 200 ] ||
+  die "the backend nginx did not start: every port tried was taken"
 
-proxy_port=$(free_port)
+# dynup-proxy listens on port 0 and says which port it took.
 echo "{\"peers\": [{\"id\": \"backend\", \"host\": \"127.0.0.1\", \"port\": $backend_port}]}" >"$work/peers.json"
 cat >"$work/proxy.json" <<JSON
-{"listen": "127.0.0.1:$proxy_port", "threads": $PROXY_THREADS, "admin": false,
+{"listen": "127.0.0.1:0", "threads": $PROXY_THREADS, "admin": false,
  "upstreams": [{"name": "bench", "source": "file://$work/peers.json"}]}
 JSON
 "$proxy_bin" --config "$work/proxy.json" 2>"$work/proxy.log" &
 proxy_pid=$!
 children+=($proxy_pid)
+proxy_port=$(port_from_log "$work/proxy.log" 's/.*proxy listening on port \([0-9]*\) .*/\1/p' "$proxy_pid") ||
+  die "dynup-proxy did not start: $(cat "$work/proxy.log")"
 wait_200 "http://127.0.0.1:$proxy_port/" || die "dynup-proxy did not start: $(cat "$work/proxy.log")"
 
 # wrk's latency lines are "50%  1.23ms"; in ms.

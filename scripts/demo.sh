@@ -46,17 +46,16 @@ if [ -t 1 ]; then bold=$'\e[1m'; plain=$'\e[0m'; fi
 step() { printf '\n%s==> %s%s\n' "$bold" "$*" "$plain"; }
 fail() { echo "demo: $*" >&2; exit 1; }
 
-# A loopback port nothing listens on now.
-
+# Every listener takes a free port itself (port 0) and says which: nothing can take a
+# port between choosing and binding it.
 ports=()
 for i in 1 2 3; do
-  port=$(free_port)
-  "$demo_bin" backend --port "$port" --name "backend-$i" &
+  "$demo_bin" backend --port 0 --name "backend-$i" >"$work/backend-$i.log" 2>&1 &
   children+=($!)
+  port=$(port_from_log "$work/backend-$i.log" 's/^listening on port \([0-9]*\)$/\1/p' "${children[-1]}") ||
+    fail "backend-$i did not start: $(cat "$work/backend-$i.log")"
   ports+=("$port")
 done
-proxy_port=$(free_port)
-admin_port=$(free_port)
 
 # Writes the peer file the way a deploy tool should: a temporary file renamed over it.
 write_peers() {
@@ -68,16 +67,20 @@ peer() { printf '{"id": "backend-%s", "host": "127.0.0.1", "port": %s, "weight":
 write_peers "{\"peers\": [$(peer 1 1), $(peer 2 1), $(peer 3 1)]}"
 cat >"$work/proxy.json" <<JSON
 {
-  "listen": "127.0.0.1:$proxy_port",
-  "admin": {"listen": "127.0.0.1:$admin_port"},
+  "listen": "127.0.0.1:0",
+  "admin": {"listen": "127.0.0.1:0"},
   "upstreams": [{"name": "demo", "source": "file://$peers", "policy": "round_robin"}]
 }
 JSON
 
-step "three backends on ports ${ports[*]}; dynup-proxy on $proxy_port with a file source"
-echo "   peer file: $peers"
 "$proxy_bin" --config "$work/proxy.json" 2>"$work/proxy.log" &
 children+=($!)
+started=$(port_from_log "$work/proxy.log" \
+  's/.*proxy listening on port \([0-9]*\) .*, admin on port \([0-9]*\) .*/\1 \2/p' "${children[-1]}") ||
+  fail "dynup-proxy did not start: $(cat "$work/proxy.log")"
+read -r proxy_port admin_port <<<"$started"
+step "three backends on ports ${ports[*]}; dynup-proxy on $proxy_port with a file source"
+echo "   peer file: $peers"
 for _ in $(seq 1 100); do
   curl -fs "http://127.0.0.1:$admin_port/healthz" >/dev/null 2>&1 && break
   sleep 0.05

@@ -1,7 +1,8 @@
 // dynup-demo: the two small programs the demo (scripts/demo.sh) runs around dynup-proxy.
 //
 //   dynup-demo backend --port 9001 --name backend-1
-//       an HTTP backend answering every request with its name (body and X-Backend header)
+//       an HTTP backend answering every request with its name (body and X-Backend header);
+//       --port 0 takes a free port. Prints "listening on port N" once it accepts connections
 //   dynup-demo hit http://127.0.0.1:8080/ 300 [--only backend-1,backend-2]
 //       sends that many requests over one kept-alive connection and draws who answered;
 //       --only: exit 1 if anyone else answered or a request failed
@@ -11,9 +12,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <set>
 #include <string>
@@ -22,7 +25,7 @@
 namespace {
 
 constexpr const char* usage_text =
-    "usage: dynup-demo backend --port PORT --name NAME [--host 127.0.0.1]\n"
+    "usage: dynup-demo backend --port PORT (0: any free one) --name NAME [--host 127.0.0.1]\n"
     "       dynup-demo hit URL COUNT [--only NAME,NAME...]\n";
 
 int backend(int argc, char** argv) {
@@ -38,7 +41,7 @@ int backend(int argc, char** argv) {
       return 2;
     }
   }
-  if (port <= 0 || port > 65535 || name.empty()) {
+  if (port < 0 || port > 65535 || name.empty()) {
     std::fputs(usage_text, stderr);
     return 2;
   }
@@ -57,10 +60,16 @@ int backend(int argc, char** argv) {
   server.set_keep_alive_max_count(100000);
   server.Get(".*", answer);
   server.Post(".*", answer);
-  if (!server.bind_to_port(host, port)) {
-    std::fprintf(stderr, "dynup-demo backend %s: cannot listen on %s:%d\n", name.c_str(), host.c_str(), port);
+  errno = 0;
+  const int bound = port == 0 ? server.bind_to_any_port(host) : (server.bind_to_port(host, port) ? port : -1);
+  if (bound <= 0) {
+    const int e = errno;
+    std::fprintf(stderr, "dynup-demo backend %s: cannot listen on %s:%d%s%s\n", name.c_str(), host.c_str(), port,
+                 e != 0 ? ": " : "", e != 0 ? std::strerror(e) : "");
     return 1;
   }
+  std::printf("listening on port %d\n", bound); // the port a script asked 0 for
+  std::fflush(stdout);
   std::thread t([&] { server.listen_after_bind(); });
   int sig = 0;
   sigwait(&signals, &sig);

@@ -136,13 +136,13 @@ private:
                 "/?.lua;;\";\n";
       l.http += "  init_by_lua_block { dynup = require \"resty.dynup\" }\n";
       l.http += "  init_worker_by_lua_block {\n";
-      l.http += "    local up, err = require(\"resty.dynup\").new([==[" + upstream.dump() + "]==], {lib = \"" +
+      l.http += "    local up, err = dynup.new([==[" + upstream.dump() + "]==], {lib = \"" +
                 std::string(DYNUP_C_LIB) + "\"})\n";
       l.http += "    if not up then ngx.log(ngx.ERR, \"dynup: \", err) end\n";
       l.http += "  }\n";
       l.upstream = style == LuaBalancer::balance ? balance_balancer : explicit_balancer;
       l.proxy += "      log_by_lua_block { dynup.get(\"api\"):report() }\n";
-      l.status += "      content_by_lua_block { ngx.print(require(\"resty.dynup\").get(\"api\"):status()) }\n";
+      l.status += "      content_by_lua_block { ngx.print(dynup.get(\"api\"):status()) }\n";
       return l;
     };
   }
