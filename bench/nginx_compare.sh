@@ -250,23 +250,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# A loopback port nothing listens on now, below the kernel's ephemeral range so that no
-# outgoing connection holds it (nginx retries its start if one is taken since).
-listening=""
-free_port() {
-  local p low
-  listening=$(ss -Htln 2>/dev/null | awk '{print $4}' | sed 's/.*://' | sort -u)
-  low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
-  [[ "$low" =~ ^[0-9]+$ ]] && [ "$low" -gt 12000 ] || low=60000 # a layout this does not expect
-  for _ in $(seq 1 200); do
-    p=$((10000 + RANDOM % (low - 10000)))
-    if ! grep -qx "$p" <<<"$listening"; then
-      echo "$p"
-      return 0
-    fi
-  done
-  die "no free port"
-}
+# free_port: a loopback port nothing listens on now (nginx retries its start if one is
+# taken since).
+. "$root/scripts/children.sh"
 
 # Starts nginx on prefix $1 (nginx.conf in it) in the foreground as our child; echoes the
 # master PID once `curl $2` answers 200, or fails.

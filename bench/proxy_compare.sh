@@ -65,6 +65,7 @@ wait_200() {
 # The backend nginx on a free port; another process may take it before nginx binds it,
 # so a start that finds it taken picks another.
 mkdir -p "$work/backend"
+backend_up=0
 for _ in 1 2 3 4 5; do
   backend_port=$(free_port)
   {
@@ -78,14 +79,16 @@ for _ in 1 2 3 4 5; do
   rm -f "$work/backend/error.log"
   "$NGINX" -p "$work/backend/" -c "$work/backend/nginx.conf" </dev/null >"$work/backend/stdout.log" 2>&1 &
   children+=($!)
-  wait_200 "http://127.0.0.1:$backend_port/" && break
+  if wait_200 "http://127.0.0.1:$backend_port/"; then
+    backend_up=1
+    break
+  fi
   kill -TERM "${children[-1]}" 2>/dev/null || true
   wait "${children[-1]}" 2>/dev/null || true
   grep -qs "Address already in use" "$work/backend/error.log" "$work/backend/stdout.log" ||
     die "the backend nginx did not start: $(cat "$work/backend/error.log" "$work/backend/stdout.log" 2>/dev/null)"
 done
-[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://127.0.0.1:$backend_port/" || true)" = 200 ] ||
-  die "the backend nginx did not start: every port tried was taken"
+[ "$backend_up" = 1 ] || die "the backend nginx did not start: every port tried was taken"
 
 # dynup-proxy listens on port 0 and says which port it took.
 echo "{\"peers\": [{\"id\": \"backend\", \"host\": \"127.0.0.1\", \"port\": $backend_port}]}" >"$work/peers.json"

@@ -1,6 +1,7 @@
-# Sourced by scripts/demo.sh and bench/proxy_compare.sh: the processes a script starts,
-# stopped by PID on exit, and loopback ports for them. The sourcing script sets $work
-# (a temporary directory, removed on exit) before calling stop_children.
+# Sourced by scripts/demo.sh, bench/proxy_compare.sh and bench/nginx_compare.sh: the
+# processes a script starts, stopped by PID on exit, and loopback ports for them. The
+# sourcing script sets $work (a temporary directory, removed on exit) before calling
+# stop_children.
 
 children=() # PIDs of the processes this script started
 
