@@ -184,7 +184,15 @@ public:
     // that reference keeps the table reachable (see sweep()).
     const auto& table = tables_.get();
     out.pick = table->picker->pick(ctx);
+    if (!out.pick && out.pick.error == PickError::all_unavailable && panic_all_ && !ctx.ignore_gate) {
+      // The passive gate holds out every peer before a rebuild could judge panic:
+      // panic routes to them all, as the rebuilt table will.
+      PickContext all = ctx;
+      all.ignore_gate = true;
+      out.pick = table->picker->pick(all);
+    }
     if (!out.pick) return out;
+    if (table->shared_stats) tracker_.on_pick(*out.pick.stats);
     table->leases.acquire();
     table->picker->on_start(out.pick);
     out.peer = out.pick.peer;
@@ -208,6 +216,7 @@ public:
     const detail::UpstreamTable* t = s.table_;
     if (!t) return;
     t->picker->on_finish(s.pick, outcome);
+    if (tracker_.passive_failure(outcome.status, outcome.connect_failure)) t->picker->on_failed(s.pick);
     // A success on a peer with nothing to reset reads only the line on_finish wrote.
     const bool quiet = t->shared_stats && s.pick.stats && tracker_.quiet(*s.pick.stats, outcome.status, outcome.connect_failure);
     if (!quiet && s.pick.index < t->health.size() && tracker_.report(*t->health[s.pick.index], outcome))
@@ -349,6 +358,7 @@ public:
 private:
   Upstream(UpstreamConfig config, std::unique_ptr<Policy> policy, const Clock& clock)
       : config_(std::move(config)), clock_(clock), policy_(std::move(policy)), tracker_(config_.health, clock),
+        panic_all_(config_.health.panic.threshold_percent > 0 && config_.health.panic.mode == PanicOptions::Mode::all),
         tables_(empty_table()) {
     // The policy's per-peer stats are the ones inside the health state: a pick and its
     // report touch one line per peer.
@@ -521,6 +531,7 @@ private:
   Publisher publisher_;
   std::unique_ptr<Policy> policy_;
   HealthTracker tracker_;
+  const bool panic_all_; ///< panic routes to every peer (mode all, threshold > 0)
   detail::RcuCell<detail::UpstreamTable> tables_;
   ErrorCallback on_error_;
   std::unique_ptr<detail::SharedMember> shared_; // set in start(), then read-only

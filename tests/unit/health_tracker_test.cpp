@@ -142,7 +142,7 @@ TEST_CASE("ManualClock moves only when advanced or set; SteadyClock moves forwar
 
 // --- passive (nginx max_fails / fail_timeout) ---------------------------------------
 
-TEST_CASE("passive: max_fails failures within fail_timeout mark a peer down for fail_timeout") {
+TEST_CASE("passive: max_fails failures mark a peer down for fail_timeout from the last one") {
   Harness h(passive(3), lettered(2));
   CHECK_FALSE(h.refused("a"));
   h.clock.advance(4s);
@@ -153,63 +153,92 @@ TEST_CASE("passive: max_fails failures within fail_timeout mark a peer down for 
   auto r = h.view();
   CHECK_FALSE(available(r, h, "a"));
   CHECK(line(r, h, "a").state == PeerState::unhealthy);
-  CHECK(line(r, h, "a").reason == "passive: 3 failures within 10 s (max_fails 3); down for 10 s more");
+  CHECK(line(r, h, "a").reason == "passive: 3 failures (max_fails 3, fail_timeout 10 s); down for 10 s more");
   CHECK(available(r, h, "b"));
   REQUIRE(r.next_change);
   CHECK(*r.next_change == down_at + 10s);
+  CHECK(r.view.gate.on());
+  CHECK(r.view.gate.max_fails == 3);
 
   h.clock.advance(9999ms);
   CHECK_FALSE(available(h.view(), h, "a"));
   h.clock.advance(1ms);
   r = h.view();
   CHECK(available(r, h, "a"));
-  CHECK(line(r, h, "a").reason == "healthy");
+  CHECK(line(r, h, "a").reason ==
+        "passive: 3 failures (max_fails 3, fail_timeout 10 s); fail_timeout has passed: the next request tries it");
   CHECK_FALSE(r.next_change);
 }
 
 TEST_CASE("passive: one failure with max_fails 1 reports the time left") {
-  Harness h(passive(1), lettered(1));
+  Harness h(passive(1), lettered(2));
   CHECK(h.status("a", 0));
   h.clock.advance(800ms);
-  CHECK(line(h.view(), h, "a").reason == "passive: 1 failure within 10 s (max_fails 1); down for 9.2 s more");
+  CHECK(line(h.view(), h, "a").reason == "passive: 1 failure (max_fails 1, fail_timeout 10 s); down for 9.2 s more");
 }
 
-TEST_CASE("passive: failures spread over more than fail_timeout do not mark a peer down") {
-  Harness h(passive(3), lettered(1));
-  CHECK_FALSE(h.refused("a"));
-  h.clock.advance(6s);
-  CHECK_FALSE(h.refused("a"));
-  h.clock.advance(4001ms); // 10.001 s after the window's first failure: a new window
-  CHECK_FALSE(h.refused("a"));
-  auto r = h.view();
-  CHECK(available(r, h, "a"));
-  CHECK(line(r, h, "a").state == PeerState::warning);
-  CHECK(line(r, h, "a").passive_failures == 1);
-  CHECK(line(r, h, "a").reason == "passive: 1 failure within 10 s (max_fails 3)");
-}
-
-TEST_CASE("passive: the third failure exactly fail_timeout after the first still counts") {
-  Harness h(passive(3), lettered(1));
-  CHECK_FALSE(h.refused("a"));
-  h.clock.advance(5s);
-  CHECK_FALSE(h.refused("a"));
-  h.clock.advance(5s);
+TEST_CASE("passive: a success does not clear failures within fail_timeout (nginx), so 1 failure in 3 takes a peer out") {
+  Harness h(passive(3), lettered(2));
+  auto& st = const_cast<dynup::PeerStats&>(HealthTracker::stats_of(h.of("a")));
+  for (int round = 0; round < 2; ++round) {
+    h.tracker.on_pick(st);
+    CHECK_FALSE(h.status("a", 200));
+    h.tracker.on_pick(st);
+    CHECK_FALSE(h.status("a", 200));
+    h.tracker.on_pick(st);
+    CHECK_FALSE(h.refused("a"));
+    h.clock.advance(1s);
+  }
+  CHECK(line(h.view(), h, "a").passive_failures == 2);
+  h.tracker.on_pick(st);
   CHECK(h.refused("a"));
   CHECK_FALSE(available(h.view(), h, "a"));
 }
 
-TEST_CASE("passive: a success resets the failure count") {
-  Harness h(passive(3), lettered(1));
+TEST_CASE("passive: a success after a pick made fail_timeout after the last failure clears the count") {
+  Harness h(passive(3), lettered(2));
+  auto& st = const_cast<dynup::PeerStats&>(HealthTracker::stats_of(h.of("a")));
   CHECK_FALSE(h.refused("a"));
   CHECK_FALSE(h.refused("a"));
+  h.clock.advance(9s);
+  h.tracker.on_pick(st); // within fail_timeout of the last failure: not checked again
   CHECK_FALSE(h.status("a", 200));
-  CHECK(line(h.view(), h, "a").passive_failures == 0);
-  CHECK_FALSE(h.refused("a"));
-  CHECK_FALSE(h.refused("a"));
+  CHECK(line(h.view(), h, "a").passive_failures == 2);
+  h.clock.advance(1s);
+  h.tracker.on_pick(st); // fail_timeout after it: checked
+  CHECK_FALSE(h.status("a", 200));
   auto r = h.view();
-  CHECK(available(r, h, "a"));
-  CHECK(line(r, h, "a").passive_failures == 2);
+  CHECK(line(r, h, "a").passive_failures == 0);
+  CHECK(line(r, h, "a").reason == "healthy");
+}
+
+TEST_CASE("passive: failures spread over more than fail_timeout still add up without a success in between") {
+  Harness h(passive(3), lettered(2));
+  CHECK_FALSE(h.refused("a"));
+  h.clock.advance(20s);
+  CHECK_FALSE(h.refused("a"));
+  h.clock.advance(20s);
   CHECK(h.refused("a"));
+  CHECK_FALSE(available(h.view(), h, "a"));
+}
+
+TEST_CASE("passive: after fail_timeout one request goes through; its failure takes the peer down again, its success brings it back") {
+  Harness h(passive(1), lettered(2));
+  auto& st = const_cast<dynup::PeerStats&>(HealthTracker::stats_of(h.of("a")));
+  CHECK(h.refused("a"));
+  h.clock.advance(10s);
+  CHECK(available(h.view(), h, "a"));
+  h.tracker.on_pick(st);
+  CHECK(h.refused("a")); // down again: a routing change
+  auto r = h.view();
+  CHECK_FALSE(available(r, h, "a"));
+  CHECK(line(r, h, "a").reason == "passive: 2 failures (max_fails 1, fail_timeout 10 s); down for 10 s more");
+  h.clock.advance(10s);
+  h.tracker.on_pick(st);
+  CHECK(h.status("a", 200)); // cleared: a routing change
+  r = h.view();
+  CHECK(available(r, h, "a"));
+  CHECK(line(r, h, "a").passive_failures == 0);
 }
 
 TEST_CASE("passive: only connect failures, status 0 and fail_statuses are failures") {
@@ -229,15 +258,26 @@ TEST_CASE("passive: only connect failures, status 0 and fail_statuses are failur
 }
 
 TEST_CASE("passive: max_fails 0 disables the check") {
-  Harness h(passive(0), lettered(1));
+  Harness h(passive(0), lettered(2));
   for (int i = 0; i < 10; ++i) CHECK_FALSE(h.refused("a"));
   auto r = h.view();
   CHECK(available(r, h, "a"));
   CHECK(line(r, h, "a").reason == "healthy");
+  CHECK_FALSE(r.view.gate.on());
+}
+
+TEST_CASE("passive: a set of one peer is never taken down, as nginx's single server") {
+  Harness h(passive(1), lettered(1));
+  CHECK_FALSE(h.refused("a"));
+  CHECK_FALSE(h.refused("a"));
+  auto r = h.view();
+  CHECK(available(r, h, "a"));
+  CHECK(line(r, h, "a").passive_failures == 0);
+  CHECK_FALSE(r.view.gate.on());
 }
 
 TEST_CASE("passive: a failure while down extends the down period; a success does not lift it") {
-  Harness h(passive(1), lettered(1));
+  Harness h(passive(1), lettered(2));
   CHECK(h.refused("a"));
   h.clock.advance(5s);
   CHECK_FALSE(h.refused("a")); // already down: no routing change
@@ -245,7 +285,7 @@ TEST_CASE("passive: a failure while down extends the down period; a success does
   h.clock.advance(6s);
   auto r = h.view();
   CHECK_FALSE(available(r, h, "a"));
-  CHECK(line(r, h, "a").reason == "passive: 1 failure within 10 s (max_fails 1); down for 4 s more");
+  CHECK(line(r, h, "a").reason == "passive: 2 failures (max_fails 1, fail_timeout 10 s); down for 4 s more");
 }
 
 // --- outlier ejection (Envoy) -------------------------------------------------------
@@ -459,10 +499,10 @@ TEST_CASE("registry: critical peers are unavailable, warning ones are routed wit
 }
 
 TEST_CASE("reasons from several sources are joined") {
-  Harness h(passive(1), {named("a", 1, false, Health::critical)});
+  Harness h(passive(1), {named("a", 1, false, Health::critical), named("b")});
   h.refused("a");
   CHECK(line(h.view(), h, "a").reason ==
-        "registry: critical; passive: 1 failure within 10 s (max_fails 1); down for 10 s more");
+        "registry: critical; passive: 1 failure (max_fails 1, fail_timeout 10 s); down for 10 s more");
 }
 
 // --- slow start ---------------------------------------------------------------------
@@ -749,6 +789,9 @@ TEST_CASE("concurrent reports from two threads are counted exactly") {
   CHECK(line(r, h, "a").consecutive_5xx == 2 * per_thread);
   CHECK(available(r, h, "a"));
 
+  // A pick fail_timeout after the last failure lets a success clear the count (nginx).
+  h.clock.advance(1h);
+  h.tracker.on_pick(const_cast<dynup::PeerStats&>(HealthTracker::stats_of(a)));
   auto succeed = [&] {
     for (int i = 0; i < per_thread; ++i) h.tracker.report(a, 200, false);
   };

@@ -136,7 +136,7 @@ private:
             cheaper);
         if (i != detail::no_choice) return select(i);
       }
-      return none();
+      return none(ctx);
     }
 
     void on_finish(const Selection& s, const Outcome& o) const noexcept override {

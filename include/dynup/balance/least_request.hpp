@@ -58,7 +58,7 @@ private:
             less_loaded);
         if (i != detail::no_choice) return select(i);
       }
-      return none();
+      return none(ctx);
     }
 
   private:

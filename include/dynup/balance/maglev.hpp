@@ -17,7 +17,6 @@
 #include <dynup/balance/options.hpp>
 #include <dynup/balance/picker.hpp>
 #include <dynup/detail/hash.hpp>
-#include <dynup/detail/random.hpp>
 #include <dynup/version.hpp>
 
 #include <algorithm>
@@ -138,7 +137,8 @@ inline std::vector<std::uint32_t> maglev_table(const std::vector<std::uint32_t>&
 } // namespace detail
 
 /// The routing table of maglev: one table over available primaries, one over available
-/// backups. pick: O(1) (hash the key, read one slot); retries probe at most
+/// backups. pick: O(1) (hash the key, read one slot), or nginx's O(n) round robin for an
+/// empty key, as nginx's hash falls back to; retries probe at most
 /// DYNUP_MAGLEV_MAX_PROBES following slots, then scan the tier. noexcept, no allocation,
 /// no lock. Build: O(M log n + M log M), 4 bytes per slot per tier.
 class MaglevPicker final : public detail::PickerBase {
@@ -170,14 +170,18 @@ public:
   }
 
   Selection pick(const PickContext& ctx) const noexcept override {
-    std::uint64_t h = ctx.key.empty() ? detail::thread_random() : detail::maglev_key_hash(ctx.key);
+    const bool keyed = !ctx.key.empty();
+    const std::uint64_t h = keyed ? detail::maglev_key_hash(ctx.key) : 0;
     for (int t = 0; t < 2; ++t) {
       if (tiers_[t].empty()) continue;
-      Selection s = pick_tier(t, h, ctx);
+      // An empty key falls back to round robin, as nginx's hash does.
+      Selection s = keyed ? pick_tier(t, h, ctx) : nginx_rr(t, ctx);
       if (s) return s;
     }
-    return none();
+    return none(ctx);
   }
+
+  void on_failed(const Selection& s) const noexcept override { nginx_rr_failed(s); }
 
   /// The table of tier 0 (primaries) or 1 (backups): set index per slot; empty when the
   /// tier has no available peer.

@@ -87,6 +87,9 @@ inline std::uint64_t peer_id_hash(std::string_view id) noexcept {
 struct PickContext {
   std::string_view key;               ///< hash key for ring_hash / maglev (empty: none)
   const TriedPeers* tried = nullptr;  ///< peers to skip (a retry)
+  /// Pick among peers the passive gate holds out too (the panic fallback when it holds
+  /// out every peer; see PassiveGate).
+  bool ignore_gate = false;
 };
 
 /// A picked peer, or the reason there is none. `peer` and `stats` point into the picker
@@ -117,6 +120,10 @@ public:
   /// peers only when no primary is usable (nginx `backup`). noexcept, no allocation,
   /// no lock. Complexity is stated by each policy.
   virtual Selection pick(const PickContext& ctx) const noexcept = 0;
+
+  /// A try of `s` failed as passive health counts failures (nginx NGX_PEER_FAILED with
+  /// max_fails on). Policies that keep nginx's effective weights override it.
+  virtual void on_failed(const Selection& s) const noexcept { (void)s; }
 
   /// A request to `s` started (counts in-flight requests for least_request and ewma).
   void on_start(const Selection& s) const noexcept {
@@ -160,7 +167,8 @@ struct TierMember {
 /// weights, and the available peers split into tiers (0: primaries, 1: backups).
 class PickerBase : public Picker {
 protected:
-  PickerBase(Snapshot set, const HealthView& health, StatsRegistry& registry) : Picker(std::move(set)) {
+  PickerBase(Snapshot set, const HealthView& health, StatsRegistry& registry)
+      : Picker(std::move(set)), gate_(health.gate) {
     const PeerSet& s = *set_;
     stats_owner_ = registry.attach(s);
     stats_.reserve(s.size());
@@ -187,8 +195,57 @@ public:
   }
 
 protected:
+  /// Whether a pick must pass over peer `i`: tried by this request, or held out by the
+  /// passive gate (nginx's max_fails, decided at pick time). One relaxed load of the
+  /// peer's stats line when nothing was tried.
   bool is_tried(std::uint32_t i, const PickContext& ctx) const noexcept {
-    return ctx.tried != nullptr && !ctx.tried->empty() && ctx.tried->contains(id_hash_[i]);
+    return (ctx.tried != nullptr && !ctx.tried->empty() && ctx.tried->contains(id_hash_[i])) || gated(i, ctx);
+  }
+  /// Whether the passive gate holds peer `i` out now. Reads the clock only for a peer
+  /// with max_fails failures counted.
+  bool gated(std::uint32_t i, const PickContext& ctx) const noexcept {
+    if (!gate_.on() || ctx.ignore_gate) return false;
+    const PeerStats& st = *stats_[i];
+    if (st.fails.load(std::memory_order_relaxed) < gate_.max_fails) return false;
+    return gate_.now_ns() - st.checked_ns.load(std::memory_order_relaxed) < gate_.fail_timeout_ns;
+  }
+
+  /// nginx's smooth weighted round robin over the members of `tier` that are not
+  /// tried or gated, on the state in each peer's PeerStats (rr_current, rr_effective):
+  /// the same sequence as nginx's ngx_http_upstream_get_peer, retries and failures
+  /// included, when one thread picks (an nginx worker). O(tier size), no allocation.
+  Selection nginx_rr(int tier, const PickContext& ctx) const noexcept {
+    std::int64_t total = 0;
+    PeerStats* best = nullptr;
+    std::uint32_t best_i = 0;
+    for (const TierMember& m : members_[tier]) {
+      if (is_tried(m.index, ctx)) continue;
+      PeerStats& st = *m.stats;
+      std::int64_t ew = st.rr_effective.load(std::memory_order_relaxed);
+      if (ew < 0 || ew > m.weight) ew = m.weight; // first use, or the weight went down
+      const std::int64_t cw = st.rr_current.load(std::memory_order_relaxed) + ew;
+      st.rr_current.store(cw, std::memory_order_relaxed);
+      total += ew;
+      st.rr_effective.store(ew < m.weight ? ew + 1 : ew, std::memory_order_relaxed);
+      if (best == nullptr || cw > best->rr_current.load(std::memory_order_relaxed)) {
+        best = &st;
+        best_i = m.index;
+      }
+    }
+    if (best == nullptr) return {};
+    best->rr_current.store(best->rr_current.load(std::memory_order_relaxed) - total, std::memory_order_relaxed);
+    return select(best_i);
+  }
+
+  /// nginx's answer to a failed try of a peer picked by nginx_rr, when max_fails is
+  /// on: its effective weight drops by weight / max_fails, and climbs back by one per
+  /// pick it takes part in.
+  void nginx_rr_failed(const Selection& s) const noexcept {
+    if (!s.stats || gate_.max_fails == 0 || s.index >= weight_.size()) return;
+    std::int64_t ew = s.stats->rr_effective.load(std::memory_order_relaxed);
+    if (ew < 0) ew = weight_[s.index];
+    ew -= weight_[s.index] / gate_.max_fails;
+    s.stats->rr_effective.store(ew < 0 ? 0 : ew, std::memory_order_relaxed);
   }
 
   Selection select(std::uint32_t i) const noexcept {
@@ -213,18 +270,31 @@ protected:
     return {};
   }
 
-  /// The reason no peer could be picked.
-  Selection none() const noexcept {
+  /// The reason no peer could be picked: all_unavailable also when the peers not yet
+  /// tried are all held out by the passive gate. O(n) only on that failure path.
+  Selection none(const PickContext& ctx = {}) const noexcept {
     Selection s;
     if (set_->empty())
       s.error = PickError::no_peers;
     else if (tiers_[0].empty() && tiers_[1].empty())
       s.error = PickError::all_unavailable;
     else
-      s.error = PickError::all_tried;
+      s.error = gate_held_out(ctx) ? PickError::all_unavailable : PickError::all_tried;
     return s;
   }
 
+  /// Whether some member not tried by this request is held out by the passive gate.
+  bool gate_held_out(const PickContext& ctx) const noexcept {
+    if (!gate_.on() || ctx.ignore_gate) return false;
+    for (int t = 0; t < 2; ++t)
+      for (std::uint32_t i : tiers_[t]) {
+        const bool tried = ctx.tried != nullptr && ctx.tried->contains(id_hash_[i]);
+        if (!tried && gated(i, ctx)) return true;
+      }
+    return false;
+  }
+
+  PassiveGate gate_;
   std::vector<std::shared_ptr<PeerStats>> stats_owner_;
   std::vector<PeerStats*> stats_;
   std::vector<std::uint64_t> id_hash_;

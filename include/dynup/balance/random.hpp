@@ -148,7 +148,7 @@ private:
         Selection s = pick_random(t, ctx);
         if (s) return s;
       }
-      return none();
+      return none(ctx);
     }
   };
 };

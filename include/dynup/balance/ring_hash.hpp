@@ -27,8 +27,8 @@
 //   which is exactly nginx's walk to the next point when that walk ends within 20
 //   steps. nginx then falls back to round robin; dynup, past tried peers, walks up to
 //   DYNUP_RING_HASH_MAX_WALK points, then scans the tier.
-// - An empty key picks a weighted random peer; nginx 1.22 falls back to round robin for an
-//   empty key, so keyless picks are not meant to match it.
+// - An empty key falls back to nginx's smooth weighted round robin over the tier, as
+//   nginx's hash does (PickerBase::nginx_rr).
 // - Backups: nginx refuses `backup` with hash; dynup keeps a second ring over backup
 //   peers, used only when no primary is usable.
 // - Peers sharing one host:port text (or a DNS server line nginx resolves to several
@@ -40,9 +40,7 @@
 
 #include <dynup/balance/options.hpp>
 #include <dynup/balance/picker.hpp>
-#include <dynup/balance/random.hpp>
 #include <dynup/detail/crc32.hpp>
-#include <dynup/detail/random.hpp>
 #include <dynup/peer.hpp>
 #include <dynup/version.hpp>
 
@@ -285,15 +283,15 @@ private:
 
 /// The routing table of ring_hash: one ring over available primaries, one over available
 /// backups. pick: O(1) expected with a key (CRC-32 of the key, one table read, a few
-/// points), O(1) without one (an alias table by weight); retries walk at most
+/// points), O(n) without one (nginx's round robin, as nginx's hash); retries walk at most
 /// DYNUP_RING_HASH_MAX_WALK points, then scan the tier. noexcept, no allocation, no
 /// lock. Build: O(points) time, 8 bytes per point, points = sum(weight) × points_per_weight.
-class RingHashPicker final : public detail::WeightedRandomBase {
+class RingHashPicker final : public detail::PickerBase {
 public:
   /// Builds both rings; `scratch` is reused across builds (see RingScratch).
   RingHashPicker(const Snapshot& set, const HealthView& health, StatsRegistry& stats,
                  std::uint32_t points_per_weight, detail::RingScratch& scratch)
-      : WeightedRandomBase(set, health, stats) {
+      : PickerBase(set, health, stats) {
     const PeerSet& s = *set_;
     for (int t = 0; t < 2; ++t) {
       const auto& members = tiers_[t];
@@ -331,15 +329,20 @@ public:
   Selection pick(const PickContext& ctx) const noexcept override {
     bool keyed = !ctx.key.empty();
     std::uint32_t h = keyed ? detail::crc32(ctx.key) : 0;
-    if (keyed && !ring_[0].empty() && (ctx.tried == nullptr || ctx.tried->empty()))
-      return select(ring_[0][ring_[0].find(h)].peer); // the common case: a first try
+    if (keyed && !ring_[0].empty() && (ctx.tried == nullptr || ctx.tried->empty())) {
+      const std::uint32_t i = ring_[0][ring_[0].find(h)].peer; // the common case: a first try
+      if (!gated(i, ctx)) return select(i);
+    }
     for (int t = 0; t < 2; ++t) {
       if (tiers_[t].empty()) continue;
-      Selection s = keyed ? pick_keyed(t, h, ctx) : pick_random(t, ctx);
+      // An empty key falls back to round robin, as nginx's hash does.
+      Selection s = keyed ? pick_keyed(t, h, ctx) : nginx_rr(t, ctx);
       if (s) return s;
     }
-    return none();
+    return none(ctx);
   }
+
+  void on_failed(const Selection& s) const noexcept override { nginx_rr_failed(s); }
 
   /// The ring of tier 0 (primaries) or 1 (backups), for inspection and tests.
   const detail::HashRing& ring(int tier) const noexcept { return ring_[tier]; }

@@ -7,6 +7,12 @@
 // state, the position is per thread: each thread walks the same sequence from its own
 // start (random by default, or pinned with the "start" option), and a thread's position
 // survives rebuilds.
+//
+// A schedule cannot follow what nginx does when a try fails: nginx's retry takes its
+// turn out of the same weights, and a failure lowers the peer's effective weight. With
+// "sequence": "nginx" the picker runs nginx's own algorithm on per-peer state instead:
+// the same sequence as nginx with retries and failures, at nginx's O(n) per pick, exact
+// when one thread picks (an nginx worker; the nginx module's default).
 #pragma once
 
 #include <dynup/balance/options.hpp>
@@ -163,13 +169,21 @@ inline RrSchedule build_rr_schedule(std::vector<std::uint64_t> w) {
 class RoundRobinPolicy final : public Policy {
 public:
   /// `start`: -1 for a random start per thread, else every thread's first position.
-  explicit RoundRobinPolicy(std::int64_t start = -1)
-      : start_(start), generation_(detail::next_generation()), slot_(detail::rr_slots().acquire()) {}
+  /// `nginx`: nginx's own algorithm instead of the schedule (see the top of this file).
+  explicit RoundRobinPolicy(std::int64_t start = -1, bool nginx = false)
+      : start_(start), nginx_(nginx), generation_(detail::next_generation()), slot_(detail::rr_slots().acquire()) {}
   ~RoundRobinPolicy() override { detail::rr_slots().release(slot_); }
 
-  /// Options: {"start": "random" | integer >= 0}.
+  /// Options: {"start": "random" | integer >= 0, "sequence": "schedule" | "nginx"}.
   static Result<std::unique_ptr<Policy>> create(const nlohmann::json& options) {
-    detail::OptionReader r("round_robin", options, {"start"});
+    detail::OptionReader r("round_robin", options, {"start", "sequence"});
+    bool nginx = false;
+    if (const nlohmann::json* v = r.raw("sequence")) {
+      if (v->is_string() && (v->get<std::string>() == "nginx" || v->get<std::string>() == "schedule"))
+        nginx = v->get<std::string>() == "nginx";
+      else
+        r.fail("option \"sequence\" must be \"schedule\" or \"nginx\", got " + v->dump());
+    }
     std::int64_t start = -1;
     if (const nlohmann::json* v = r.raw("start")) {
       if (v->is_number_integer())
@@ -178,7 +192,7 @@ public:
         r.fail("option \"start\" must be \"random\" or an integer >= 0, got " + v->dump());
     }
     if (r.error()) return *r.error();
-    return std::unique_ptr<Policy>(new RoundRobinPolicy(start));
+    return std::unique_ptr<Policy>(new RoundRobinPolicy(start, nginx));
   }
 
   const char* name() const noexcept override { return "round_robin"; }
@@ -198,9 +212,9 @@ private:
   class PickerImpl final : public detail::PickerBase {
   public:
     PickerImpl(const Snapshot& set, const HealthView& health, StatsRegistry& stats, RoundRobinPolicy& policy)
-        : PickerBase(set, health, stats), start_(policy.start_), generation_(policy.generation_),
-          slot_(policy.slot_), shared_(policy.shared_) {
-      for (int t = 0; t < 2; ++t) {
+        : PickerBase(set, health, stats), start_(policy.start_), nginx_(policy.nginx_),
+          generation_(policy.generation_), slot_(policy.slot_), shared_(policy.shared_) {
+      for (int t = 0; t < 2 && !nginx_; ++t) {
         std::vector<std::uint64_t> w;
         for (std::uint32_t i : tiers_[t]) w.push_back(weight_[i]);
         auto s = detail::build_rr_schedule(std::move(w));
@@ -212,10 +226,14 @@ private:
     Selection pick(const PickContext& ctx) const noexcept override {
       for (int t = 0; t < 2; ++t) {
         if (tiers_[t].empty()) continue;
-        Selection s = pick_tier(t, ctx);
+        Selection s = nginx_ ? nginx_rr(t, ctx) : pick_tier(t, ctx);
         if (s) return s;
       }
-      return none();
+      return none(ctx);
+    }
+
+    void on_failed(const Selection& s) const noexcept override {
+      if (nginx_) nginx_rr_failed(s);
     }
 
     /// Whether the schedule is nginx's exact sequence (see build_rr_schedule).
@@ -262,12 +280,14 @@ private:
     std::vector<std::uint32_t> schedule_[2];
     bool exact_ = true;
     std::int64_t start_;
+    bool nginx_;
     std::uint64_t generation_;
     std::size_t slot_;
     std::shared_ptr<SharedPosition> shared_;
   };
 
   std::int64_t start_;
+  bool nginx_;
   std::uint64_t generation_;
   std::size_t slot_;
   std::shared_ptr<SharedPosition> shared_ = std::make_shared<SharedPosition>();

@@ -29,7 +29,17 @@ struct alignas(64) PeerStats {
   /// (HealthTracker::stats_of hands out the PeerStats embedded in its PeerHealth); stays
   /// 0 in stats that no tracker owns.
   std::atomic<std::uint32_t> health_pending{0};
+  /// nginx's passive state that a pick reads (HealthTracker writes it; see
+  /// PassiveGate): failures counted, and when the peer was last failed or let through
+  /// after fail_timeout (steady-clock nanoseconds).
+  std::atomic<std::uint32_t> fails{0};
+  std::atomic<std::int64_t> checked_ns{0};
+  /// nginx's smooth weighted round robin state (round_robin with "sequence": "nginx"):
+  /// current weight, and effective weight (-1 until first used: the configured weight).
+  std::atomic<std::int64_t> rr_current{0};
+  std::atomic<std::int64_t> rr_effective{-1};
 };
+static_assert(sizeof(PeerStats) == 64, "PeerStats is one cache line");
 
 /// Per-peer stats keyed by id, owned by one Policy. `attach` is called by the thread
 /// that builds pickers (never concurrently with itself); the PeerStats it hands out stay

@@ -84,11 +84,10 @@ private:
   bool detached_ = false;           ///< the id left the set; reports are ignored
   bool became_unavailable_ = false; ///< a report made it unavailable since the last view()
 
-  unsigned fails_ = 0; ///< passive failures in the window that began at window_start_
-  time_point window_start_{};
-  bool down_ = false; ///< passive down until down_until_ (when later than now)
-  time_point down_until_{};
-  unsigned down_fails_ = 0; ///< failures that marked it down, for the reason text
+  // nginx's passive state is fails and checked (in stats_, read by picks) and accessed:
+  // the time of the last failure. A success clears fails once the peer was let
+  // through after fail_timeout since that failure (accessed < checked).
+  std::int64_t accessed_ns_ = 0;
 
   unsigned c5xx_ = 0; ///< consecutive 5xx (connect failures and no response included)
   unsigned cgw_ = 0;  ///< consecutive gateway failures
@@ -111,7 +110,7 @@ private:
 
   // The rebuild thread's own fields (attach and view only).
   std::optional<time_point> ramp_start_; ///< slow start in progress since then
-  bool last_unavailable_ = false;        ///< what the last view() decided
+  bool last_unavailable_ = false;        ///< what the last view() decided (report() reads it under mu_)
 };
 
 /// One peer's line of a HealthReport.
@@ -123,7 +122,7 @@ struct PeerHealthStatus {
   std::string reason = "healthy";
   bool available = true;              ///< routed: the HealthView's verdict, after panic
   std::uint32_t effective_weight = 0; ///< the HealthView's weight; 0 when not routed
-  unsigned passive_failures = 0;      ///< in the current fail_timeout window
+  unsigned passive_failures = 0;      ///< counted since the last success that cleared them
   unsigned consecutive_5xx = 0;
   unsigned consecutive_gateway_failures = 0;
   unsigned times_ejected = 0; ///< the ejection multiplier, after decay
@@ -244,6 +243,7 @@ public:
       ejection_ends_.reserve(ejection_limit(set.size()));
     }
     set_size_.store(set.size(), std::memory_order_release);
+    single_.store(set.size() == 1, std::memory_order_relaxed);
     if (!set.empty()) first_ = false;
     return out;
   }
@@ -262,12 +262,24 @@ public:
 
   /// A passive report: how one request to the peer ended. `status` is the HTTP status,
   /// 0 when no response came (timeout, reset). Returns true when the peer's routing
-  /// state changed (it went down or was ejected): wake the rebuild thread. Any thread.
+  /// state changed (it went down, came back, or was ejected): wake the rebuild thread.
+  /// Any thread.
+  ///
+  /// max_fails counts as nginx does: each failure counts and marks the peer checked; a
+  /// peer with max_fails failures is skipped while fail_timeout has not passed since
+  /// then; after it, the next pick lets one request through (on_pick marks it checked)
+  /// and only a success after that clears the count. A set of one peer never goes down.
   bool report(PeerHealth& h, int status, bool connect_failure) noexcept {
     const Verdict v = classify(status, connect_failure);
     if (!v.passive_fail && !v.is_5xx && h.stats_.health_pending.load(std::memory_order_relaxed) == 0)
       return false;
     return report_slow(h, v.passive_fail, v.is_5xx, v.gateway);
+  }
+
+  /// Whether passive health counts this outcome as a failure (max_fails on, and no
+  /// reply, a connect failure or a fail status). Any thread; no lock.
+  bool passive_failure(int status, bool connect_failure) const noexcept {
+    return classify(status, connect_failure).passive_fail;
   }
 
   /// True when report() of this outcome would do nothing: a success for a peer with no
@@ -288,6 +300,18 @@ public:
   }
   /// The PeerStats inside `h`.
   static const PeerStats& stats_of(const PeerHealth& h) noexcept { return h.stats_; }
+
+  /// A pick chose the peer whose stats (stats_of) are `st`: like nginx, a pick made
+  /// fail_timeout or more after the peer was last checked checks it again, so that the
+  /// request's success clears the failures and its failure takes the peer down for
+  /// another fail_timeout. One relaxed load when the peer has no failure counted.
+  /// noexcept, no lock, no allocation; any thread.
+  void on_pick(PeerStats& st) const noexcept {
+    if (st.fails.load(std::memory_order_relaxed) == 0) return;
+    const std::int64_t now = ns(clock_.now());
+    if (now - st.checked_ns.load(std::memory_order_relaxed) >= fail_timeout_ns())
+      st.checked_ns.store(now, std::memory_order_relaxed);
+  }
 
   /// Same, from anything with `status` and `connect_failure` members (dynup::Outcome).
   template <class O>
@@ -377,6 +401,8 @@ public:
       cond.weight = std::max<std::uint32_t>(1, weight);
     }
     apply_panic(set, rep);
+    if (options_.passive.max_fails > 0 && !rep.panic && !single_.load(std::memory_order_relaxed))
+      rep.view.gate = {options_.passive.max_fails, fail_timeout_ns(), &clock_};
     for (std::size_t i = 0; i < n; ++i) {
       rep.peers[i].available = rep.view.peers[i].available;
       rep.peers[i].effective_weight = rep.view.peers[i].available ? rep.view.peers[i].weight : 0;
@@ -409,8 +435,23 @@ private:
     return (fail_status_bits_[static_cast<std::size_t>(status) / 64] >> (status % 64)) & 1u;
   }
 
+  static std::int64_t ns(time_point t) noexcept {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+  }
+  std::int64_t fail_timeout_ns() const noexcept {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(options_.passive.fail_timeout).count();
+  }
+  // nginx's test for a peer taken out by max_fails. Under h.mu_, or racy but harmless.
+  bool passive_down(const PeerHealth& h, std::int64_t now) const noexcept {
+    const PassiveOptions& o = options_.passive;
+    return o.max_fails > 0 && !single_.load(std::memory_order_relaxed) &&
+           h.stats_.fails.load(std::memory_order_relaxed) >= o.max_fails &&
+           now - h.stats_.checked_ns.load(std::memory_order_relaxed) < fail_timeout_ns();
+  }
+
   static void update_pending(PeerHealth& h) noexcept {
-    std::uint32_t bits = (h.fails_ ? 1u : 0u) | ((h.c5xx_ || h.cgw_ || h.refused_) ? 2u : 0u);
+    std::uint32_t bits = (h.stats_.fails.load(std::memory_order_relaxed) ? 1u : 0u) |
+                         ((h.c5xx_ || h.cgw_ || h.refused_) ? 2u : 0u);
     h.stats_.health_pending.store(bits, std::memory_order_relaxed);
   }
 
@@ -420,26 +461,23 @@ private:
     std::lock_guard<std::mutex> lock(h.mu_);
     if (h.detached_) return false;
     bool changed = false;
-    const PassiveOptions& pas = options_.passive;
-    if (passive_fail) {
-      if (h.fails_ == 0 || now - h.window_start_ > pas.fail_timeout) {
-        h.window_start_ = now;
-        h.fails_ = 0;
+    const std::int64_t now_ns = ns(now);
+    PeerStats& st = h.stats_;
+    const unsigned fails = st.fails.load(std::memory_order_relaxed);
+    if (passive_fail && !single_.load(std::memory_order_relaxed)) {
+      st.fails.store(fails < UINT_MAX ? fails + 1 : fails, std::memory_order_relaxed);
+      h.accessed_ns_ = now_ns;
+      st.checked_ns.store(now_ns, std::memory_order_relaxed);
+      // A change when the last view routed to it and no report since took it out (a
+      // pick after fail_timeout made passive_down true already, to hold other picks
+      // off while this one tried).
+      if (!h.last_unavailable_ && !h.became_unavailable_ && passive_down(h, now_ns)) {
+        h.became_unavailable_ = true;
+        changed = true;
       }
-      ++h.fails_;
-      if (h.fails_ >= pas.max_fails) {
-        const bool was_down = h.down_ && now < h.down_until_;
-        h.down_ = true;
-        h.down_until_ = now + pas.fail_timeout;
-        h.down_fails_ = h.fails_;
-        h.fails_ = 0; // the next max_fails failures mark it down again (or longer)
-        if (!was_down) {
-          h.became_unavailable_ = true;
-          changed = true;
-        }
-      }
-    } else {
-      h.fails_ = 0;
+    } else if (!passive_fail && fails > 0 && h.accessed_ns_ < st.checked_ns.load(std::memory_order_relaxed)) {
+      st.fails.store(0, std::memory_order_relaxed);
+      changed = fails >= options_.passive.max_fails; // it was held out, or would be
     }
     if (options_.outlier.enabled) {
       expire_ejection(h, now);
@@ -563,15 +601,24 @@ private:
   template <class Add, class Soonest>
   void describe_passive(const PeerHealth& h, time_point now, PeerHealthStatus& st, Add& add, Soonest& soonest) const {
     const PassiveOptions& o = options_.passive;
-    const bool in_window = h.fails_ > 0 && now - h.window_start_ <= o.fail_timeout;
-    st.passive_failures = in_window ? h.fails_ : 0;
-    const std::string rule = " within " + detail::health_duration(o.fail_timeout) + " (max_fails " + std::to_string(o.max_fails) + ")";
-    if (h.down_ && now < h.down_until_) {
-      add(PeerState::unhealthy, "passive: " + detail::plural(h.down_fails_, "failure", "failures") + rule + "; down for " +
-                                    detail::health_duration(h.down_until_ - now) + " more");
-      soonest(h.down_until_);
-    } else if (in_window) {
-      add(PeerState::warning, "passive: " + detail::plural(h.fails_, "failure", "failures") + rule);
+    const unsigned fails = h.stats_.fails.load(std::memory_order_relaxed);
+    st.passive_failures = fails;
+    if (fails == 0 || o.max_fails == 0) return;
+    const std::string count = "passive: " + detail::plural(fails, "failure", "failures") + " (max_fails " +
+                              std::to_string(o.max_fails) + ", fail_timeout " +
+                              detail::health_duration(o.fail_timeout) + ")";
+    const time_point until = time_point(std::chrono::duration_cast<Clock::duration>(
+                                 std::chrono::nanoseconds(h.stats_.checked_ns.load(std::memory_order_relaxed)))) +
+                             std::chrono::duration_cast<Clock::duration>(o.fail_timeout);
+    if (passive_down(h, ns(now))) {
+      add(PeerState::unhealthy, count + "; down for " + detail::health_duration(until - now) + " more");
+      soonest(until);
+    } else if (single_.load(std::memory_order_relaxed)) {
+      add(PeerState::warning, count + "; the only peer is never taken down");
+    } else if (fails >= o.max_fails) {
+      add(PeerState::warning, count + "; fail_timeout has passed: the next request tries it");
+    } else {
+      add(PeerState::warning, count + "; a success after fail_timeout clears them");
     }
   }
 
@@ -675,6 +722,7 @@ private:
   const Clock& clock_;
   std::array<std::uint64_t, 10> fail_status_bits_{}; ///< statuses 0..639
   std::atomic<std::size_t> set_size_{0};
+  std::atomic<bool> single_{false}; ///< the set has one peer: nginx never takes it down
   mutable std::mutex eject_mu_;
   std::atomic<std::uint64_t> ejections_total_{0};
   std::vector<time_point> ejection_ends_; ///< end of each ejection in force (or ended, not yet purged)

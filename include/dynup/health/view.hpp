@@ -1,6 +1,7 @@
 // HealthView: which peers of a set may take traffic now, and at what weight.
 #pragma once
 
+#include <dynup/health/clock.hpp>
 #include <dynup/peer_set.hpp>
 #include <dynup/version.hpp>
 
@@ -15,10 +16,25 @@ struct PeerCondition {
   std::uint32_t weight = 1; ///< effective weight, 1..peer.weight (slow start lowers it)
 };
 
+/// nginx's max_fails test, made on the request path so that a failure that takes a peer
+/// down keeps it out from the next pick on, before any rebuild: a peer whose
+/// PeerStats::fails reached `max_fails` is skipped while now - checked_ns <=
+/// `fail_timeout`. Off when max_fails is 0, without a clock, in panic, or for a set of
+/// one peer (nginx never takes a single server down).
+struct PassiveGate {
+  std::uint32_t max_fails = 0;
+  std::int64_t fail_timeout_ns = 0;
+  const Clock* clock = nullptr;
+
+  bool on() const noexcept { return max_fails > 0 && clock != nullptr; }
+  std::int64_t now_ns() const noexcept { return clock->now().time_since_epoch().count(); }
+};
+
 /// Conditions parallel to a PeerSet's peers (same order, same size). A plain value:
 /// built by the health layer, read by Policy::build, never changed afterwards.
 struct HealthView {
   std::vector<PeerCondition> peers;
+  PassiveGate gate; ///< off unless the health layer that built the view sets it
 
   /// From registry health alone: critical peers unavailable, all others available at
   /// their configured weight. O(n), allocates.
