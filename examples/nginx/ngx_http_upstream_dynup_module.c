@@ -90,10 +90,15 @@ typedef struct {
     ngx_uint_t                      ntried;
     ngx_uint_t                      tried_cap;
     ngx_uint_t                      live;    /* sel holds a pick not yet reported */
+    ngx_uint_t                      picks;   /* tries given a peer so far */
     ngx_sockaddr_t                  sockaddr;
     socklen_t                       socklen;
-    ngx_str_t                       name;
-    u_char                          name_buf[NGX_HTTP_DYNUP_NAME_MAX];
+    /* The try's name ($upstream_addr): nginx keeps a pointer to each try's, so a
+     * retry writes a new one (from the pool) instead of overwriting this. */
+    ngx_str_t                      *name;
+    u_char                         *name_buf;
+    ngx_str_t                       first_name;
+    u_char                          first_name_buf[NGX_HTTP_DYNUP_NAME_MAX];
 } ngx_http_upstream_dynup_peer_data_t;
 
 
@@ -476,6 +481,72 @@ ngx_http_upstream_dynup_add_param(ngx_conf_t *cf, ngx_array_t *params, char *pat
 }
 
 
+/* Whether a parameter sets `path` or an object above it ("health" for
+ * "health.panic.threshold_percent"). */
+static ngx_uint_t
+ngx_http_upstream_dynup_sets(ngx_array_t *params, const char *path)
+{
+    ngx_http_upstream_dynup_param_t  *pa = params->elts;
+    ngx_uint_t                        i;
+    size_t                            n = ngx_strlen(path);
+
+    for (i = 0; i < params->nelts; i++) {
+        if (pa[i].path.len <= n
+            && ngx_strncmp(pa[i].path.data, path, pa[i].path.len) == 0
+            && (pa[i].path.len == n || path[pa[i].path.len] == '.'))
+        {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
+/* What an nginx user expects where dynup's library defaults differ (README, "nginx
+ * behaviour"): no panic routing, so every peer down is a 502 with "no live upstreams";
+ * round_robin runs nginx's own sequence, retries and failures included. */
+static ngx_int_t
+ngx_http_upstream_dynup_nginx_defaults(ngx_conf_t *cf, ngx_array_t *params)
+{
+    ngx_http_upstream_dynup_param_t  *pa;
+    ngx_str_t                         v, *policy;
+    ngx_uint_t                        i;
+
+    if (!ngx_http_upstream_dynup_sets(params, "health.panic.threshold_percent")) {
+        ngx_str_set(&v, "0");
+        if (ngx_http_upstream_dynup_add_param(cf, params, "health.panic.threshold_percent", &v) != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    if (ngx_http_upstream_dynup_sets(params, "policy.options.sequence")) {
+        return NGX_OK; /* chosen, or policy given as one JSON value */
+    }
+
+    policy = NULL;
+    pa = params->elts;
+    for (i = 0; i < params->nelts; i++) {
+        if (pa[i].path.len == 11 && ngx_strncmp(pa[i].path.data, "policy.name", 11) == 0) {
+            policy = &pa[i].value;
+        }
+    }
+
+    if (policy == NULL) {
+        ngx_str_set(&v, "\"round_robin\"");
+        if (ngx_http_upstream_dynup_add_param(cf, params, "policy.name", &v) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+    } else if (!(policy->len == 13 && ngx_strncmp(policy->data, "\"round_robin\"", 13) == 0)) {
+        return NGX_OK;
+    }
+
+    ngx_str_set(&v, "\"nginx\"");
+    return ngx_http_upstream_dynup_add_param(cf, params, "policy.options.sequence", &v);
+}
+
+
 /* The shared region's name (docs/SHARED.md: 1..64 of A-Z a-z 0-9 _ . -): "ngx-", a hash
  * of nginx's config file and this upstream's config, "-", and the upstream's name. */
 static u_char *
@@ -526,7 +597,7 @@ ngx_http_upstream_dynup(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_http_upstream_server_t           *server;
     ngx_array_t                           params;
     ngx_str_t                            *value, v, path, json_value, region;
-    ngx_uint_t                            i, j, has_policy_object, has_shared_name;
+    ngx_uint_t                            i, j, has_shared_name;
     u_char                               *eq, *json, *region_name;
     size_t                                json_len;
 
@@ -560,7 +631,6 @@ ngx_http_upstream_dynup(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
-    has_policy_object = 0;
     has_shared_name = 0;
 
     for (i = 2; i < cf->args->nelts; i++) {
@@ -624,9 +694,6 @@ ngx_http_upstream_dynup(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             }
         }
 
-        if (path.len > 7 && ngx_strncmp(path.data, "policy.", 7) == 0) {
-            has_policy_object = 1;
-        }
         if (path.len == 11 && ngx_strncmp(path.data, "shared.name", 11) == 0) {
             has_shared_name = 1;
         }
@@ -643,14 +710,19 @@ ngx_http_upstream_dynup(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         pa->value = json_value;
     }
 
-    /* policy=NAME beside policy.options.*: NAME is the object's "name" */
-    if (has_policy_object) {
-        pa = params.elts;
-        for (i = 0; i < params.nelts; i++) {
-            if (pa[i].path.len == 6 && ngx_strncmp(pa[i].path.data, "policy", 6) == 0) {
-                ngx_str_set(&pa[i].path, "policy.name");
-            }
+    /* policy=NAME is the policy object's "name", beside any policy.options.*; a
+     * policy given whole as a JSON object stays as it is */
+    pa = params.elts;
+    for (i = 0; i < params.nelts; i++) {
+        if (pa[i].path.len == 6 && ngx_strncmp(pa[i].path.data, "policy", 6) == 0
+            && pa[i].value.len > 0 && pa[i].value.data[0] == '"')
+        {
+            ngx_str_set(&pa[i].path, "policy.name");
         }
+    }
+
+    if (ngx_http_upstream_dynup_nginx_defaults(cf, &params) != NGX_OK) {
+        return NGX_CONF_ERROR;
     }
 
     /* A hash policy without key= would spread requests, not pin them. */
@@ -911,6 +983,9 @@ ngx_http_upstream_init_dynup_peer(ngx_http_request_t *r, ngx_http_upstream_srv_c
     dp->ntried = 0;
     dp->tried_cap = 0;
     dp->live = 0;
+    dp->picks = 0;
+    dp->name = &dp->first_name;
+    dp->name_buf = dp->first_name_buf;
     ngx_str_null(&dp->key);
 
     if (dcf->key != NULL && ngx_http_complex_value(r, dcf->key, &dp->key) != NGX_OK) {
@@ -948,8 +1023,8 @@ ngx_http_upstream_dynup_set_address(ngx_http_upstream_dynup_peer_data_t *dp)
             ngx_memcpy(&dp->sockaddr, &e->sockaddr, e->socklen);
             dp->socklen = e->socklen;
             ngx_memcpy(dp->name_buf, e->name, e->name_len);
-            dp->name.data = dp->name_buf;
-            dp->name.len = e->name_len;
+            dp->name->data = dp->name_buf;
+            dp->name->len = e->name_len;
             return NGX_OK;
         }
     }
@@ -986,8 +1061,8 @@ ngx_http_upstream_dynup_set_address(ngx_http_upstream_dynup_peer_data_t *dp)
     }
 
     p = ngx_sprintf(p, ":%ui", (ngx_uint_t) sel->port);
-    dp->name.data = dp->name_buf;
-    dp->name.len = p - dp->name_buf;
+    dp->name->data = dp->name_buf;
+    dp->name->len = p - dp->name_buf;
 
     if (e != NULL) {
         e->id_hash = sel->id_hash;
@@ -996,8 +1071,8 @@ ngx_http_upstream_dynup_set_address(ngx_http_upstream_dynup_peer_data_t *dp)
         ngx_memcpy(e->host, sel->host, sel->host_len);
         ngx_memcpy(&e->sockaddr, &dp->sockaddr, dp->socklen);
         e->socklen = dp->socklen;
-        ngx_memcpy(e->name, dp->name_buf, dp->name.len);
-        e->name_len = dp->name.len;
+        ngx_memcpy(e->name, dp->name_buf, dp->name->len);
+        e->name_len = dp->name->len;
     }
 
     return NGX_OK;
@@ -1054,6 +1129,15 @@ ngx_http_upstream_get_dynup_peer(ngx_peer_connection_t *pc, void *data)
         dp->live = 0;
     }
 
+    if (dp->picks > 0) {
+        /* the earlier tries' names stay where u->state points at them */
+        dp->name = ngx_palloc(dp->request->pool, sizeof(ngx_str_t) + NGX_HTTP_DYNUP_NAME_MAX);
+        if (dp->name == NULL) {
+            return NGX_ERROR;
+        }
+        dp->name_buf = (u_char *) (dp->name + 1);
+    }
+
     for ( ;; ) {
         rc = dynup_pick(h, (char *) dp->key.data, dp->key.len, dp->tried, dp->ntried,
                         &dp->sel, err, sizeof(err));
@@ -1082,9 +1166,10 @@ ngx_http_upstream_get_dynup_peer(ngx_peer_connection_t *pc, void *data)
     }
 
     dp->live = 1;
+    dp->picks++;
     pc->sockaddr = &dp->sockaddr.sockaddr;
     pc->socklen = dp->socklen;
-    pc->name = &dp->name;
+    pc->name = dp->name;
 
     return NGX_OK;
 }
@@ -1123,19 +1208,23 @@ ngx_http_upstream_free_dynup_peer(ngx_peer_connection_t *pc, void *data, ngx_uin
     replied = u->state && u->state->header_time != (ngx_msec_t) -1;
     status = replied ? (int) u->headers_in.status_n : 0;
 
+    /* What counts as a failure for max_fails is nginx's verdict (proxy_next_upstream),
+     * not the status: a 502 passed on to the next peer failed, the last try's 502 did
+     * not, as in nginx's round robin. */
     if (state & NGX_PEER_FAILED) {
         if (pc->cached && !replied) {
             /* a kept-alive connection the peer had closed: nothing about the peer */
             dynup_cancel(h, &dp->sel);
 
         } else {
-            dynup_report(h, &dp->sel, status, latency_us, !connected);
+            dynup_report_try(h, &dp->sel, status, latency_us,
+                             DYNUP_TRY_FAILED | (connected ? 0 : DYNUP_TRY_CONNECT_FAILED));
         }
         return;
     }
 
     if (replied) {
-        dynup_report(h, &dp->sel, status, latency_us, 0);
+        dynup_report_try(h, &dp->sel, status, latency_us, DYNUP_TRY_SUCCEEDED);
         return;
     }
 

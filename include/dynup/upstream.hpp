@@ -216,9 +216,9 @@ public:
     const detail::UpstreamTable* t = s.table_;
     if (!t) return;
     t->picker->on_finish(s.pick, outcome);
-    if (tracker_.passive_failure(outcome.status, outcome.connect_failure)) t->picker->on_failed(s.pick);
+    if (tracker_.passive_failure(outcome.status, outcome.connect_failure, outcome.verdict)) t->picker->on_failed(s.pick);
     // A success on a peer with nothing to reset reads only the line on_finish wrote.
-    const bool quiet = t->shared_stats && s.pick.stats && tracker_.quiet(*s.pick.stats, outcome.status, outcome.connect_failure);
+    const bool quiet = t->shared_stats && s.pick.stats && tracker_.quiet(*s.pick.stats, outcome.status, outcome.connect_failure, outcome.verdict);
     if (!quiet && s.pick.index < t->health.size() && tracker_.report(*t->health[s.pick.index], outcome))
       wake(false);
     s.end();

@@ -297,18 +297,28 @@ DYNUP_C_API int dynup_uses_latency(dynup_upstream* up) {
   return up->up->uses_latency() ? 1 : 0;
 }
 
-DYNUP_C_API int dynup_report(dynup_upstream* up, dynup_selection* sel, int status, int64_t latency_us,
-                             int connect_failure) {
+DYNUP_C_API int dynup_report_try(dynup_upstream* up, dynup_selection* sel, int status, int64_t latency_us,
+                                 unsigned flags) {
   if (up == nullptr || sel == nullptr) return DYNUP_E_ARGUMENT;
+  if ((flags & DYNUP_TRY_FAILED) && (flags & DYNUP_TRY_SUCCEEDED)) return DYNUP_E_ARGUMENT;
   if (forked(up)) return DYNUP_E_FORKED;
   if (!live(up, sel)) return DYNUP_E_NOT_LIVE;
   constexpr std::int64_t max_us = std::numeric_limits<std::int64_t>::max() / 1000; // fits in nanoseconds
   dynup::Outcome outcome;
   outcome.latency = std::chrono::microseconds(std::clamp<std::int64_t>(latency_us, 0, max_us));
   outcome.status = status < 0 ? 0 : status;
-  outcome.connect_failure = connect_failure != 0;
+  outcome.connect_failure = (flags & DYNUP_TRY_CONNECT_FAILED) != 0;
+  if (flags & (DYNUP_TRY_FAILED | DYNUP_TRY_CONNECT_FAILED))
+    outcome.verdict = dynup::TryVerdict::failure;
+  else if (flags & DYNUP_TRY_SUCCEEDED)
+    outcome.verdict = dynup::TryVerdict::success;
   end(up, sel, &outcome);
   return DYNUP_OK;
+}
+
+DYNUP_C_API int dynup_report(dynup_upstream* up, dynup_selection* sel, int status, int64_t latency_us,
+                             int connect_failure) {
+  return dynup_report_try(up, sel, status, latency_us, connect_failure != 0 ? DYNUP_TRY_CONNECT_FAILED : 0u);
 }
 
 DYNUP_C_API void dynup_cancel(dynup_upstream* up, dynup_selection* sel) {

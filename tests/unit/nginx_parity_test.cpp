@@ -2,7 +2,7 @@
 // round robin (ngx_http_upstream_get_peer and ngx_http_upstream_free_round_robin_peer, as
 // nginx's documentation and source describe them) drives the same requests as dynup, and
 // the tries must match one for one. The end-to-end check against a real nginx is
-// tests/e2e/nginx_differential_test.cpp.
+// tests/e2e/nginx_module_differential_test.cpp.
 #include <dynup/balance/maglev.hpp>
 #include <dynup/balance/ring_hash.hpp>
 #include <dynup/balance/round_robin.hpp>

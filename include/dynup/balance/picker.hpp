@@ -108,6 +108,7 @@ struct Outcome {
   std::chrono::nanoseconds latency{0};
   int status = 0;               ///< HTTP status, 0 when none was received
   bool connect_failure = false;
+  TryVerdict verdict = TryVerdict::by_status; ///< the embedder's own verdict, if any
 };
 
 /// An immutable routing table for one peer set and health view. Thread-safe: any number

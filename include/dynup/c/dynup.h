@@ -157,6 +157,19 @@ DYNUP_C_API int dynup_uses_latency(dynup_upstream* up);
 DYNUP_C_API int dynup_report(dynup_upstream* up, dynup_selection* sel, int status, int64_t latency_us,
                              int connect_failure);
 
+/* dynup_report_try's flags: how the embedder judged the try. Without DYNUP_TRY_FAILED or
+ * DYNUP_TRY_SUCCEEDED, passive health judges by the status as dynup_report does. */
+#define DYNUP_TRY_CONNECT_FAILED 1u /* the connection could not be made (implies failed) */
+#define DYNUP_TRY_FAILED 2u         /* the try failed by the embedder's rule (nginx: NGX_PEER_FAILED) */
+#define DYNUP_TRY_SUCCEEDED 4u      /* it did not, whatever the status (nginx: a last try's 502) */
+
+/* dynup_report with the embedder's verdict: nginx counts a try as failed for max_fails
+ * when proxy_next_upstream passed it on, not by its status, so the module reports with
+ * DYNUP_TRY_FAILED or DYNUP_TRY_SUCCEEDED. Outlier detection still counts statuses.
+ * Returns and threading as dynup_report; DYNUP_E_ARGUMENT also for FAILED with SUCCEEDED. */
+DYNUP_C_API int dynup_report_try(dynup_upstream* up, dynup_selection* sel, int status, int64_t latency_us,
+                                 unsigned flags);
+
 /* Ends a live selection without an outcome: the request was never sent, or its outcome
  * says nothing about the peer (the client went away first). Undoes the in-flight count;
  * no latency sample, no health report. A no-op on a selection that is not live, on

@@ -269,8 +269,9 @@ public:
   /// peer with max_fails failures is skipped while fail_timeout has not passed since
   /// then; after it, the next pick lets one request through (on_pick marks it checked)
   /// and only a success after that clears the count. A set of one peer never goes down.
-  bool report(PeerHealth& h, int status, bool connect_failure) noexcept {
-    const Verdict v = classify(status, connect_failure);
+  bool report(PeerHealth& h, int status, bool connect_failure,
+              TryVerdict verdict = TryVerdict::by_status) noexcept {
+    const Verdict v = classify(status, connect_failure, verdict);
     if (!v.passive_fail && !v.is_5xx && h.stats_.health_pending.load(std::memory_order_relaxed) == 0)
       return false;
     return report_slow(h, v.passive_fail, v.is_5xx, v.gateway);
@@ -278,15 +279,16 @@ public:
 
   /// Whether passive health counts this outcome as a failure (max_fails on, and no
   /// reply, a connect failure or a fail status). Any thread; no lock.
-  bool passive_failure(int status, bool connect_failure) const noexcept {
-    return classify(status, connect_failure).passive_fail;
+  bool passive_failure(int status, bool connect_failure, TryVerdict verdict = TryVerdict::by_status) const noexcept {
+    return classify(status, connect_failure, verdict).passive_fail;
   }
 
   /// True when report() of this outcome would do nothing: a success for a peer with no
   /// failure counter to reset. `stats` must be the peer's own (stats_of), which lets a
   /// caller that already holds it skip finding the PeerHealth. Any thread.
-  bool quiet(const PeerStats& stats, int status, bool connect_failure) const noexcept {
-    const Verdict v = classify(status, connect_failure);
+  bool quiet(const PeerStats& stats, int status, bool connect_failure,
+             TryVerdict verdict = TryVerdict::by_status) const noexcept {
+    const Verdict v = classify(status, connect_failure, verdict);
     return !v.passive_fail && !v.is_5xx && stats.health_pending.load(std::memory_order_relaxed) == 0;
   }
 
@@ -313,11 +315,13 @@ public:
       st.checked_ns.store(now, std::memory_order_relaxed);
   }
 
-  /// Same, from anything with `status` and `connect_failure` members (dynup::Outcome).
+  /// Same, from anything with `status`, `connect_failure` and `verdict` members
+  /// (dynup::Outcome).
   template <class O>
   auto report(PeerHealth& h, const O& outcome) noexcept
-      -> decltype(static_cast<int>(outcome.status), static_cast<bool>(outcome.connect_failure), bool()) {
-    return report(h, static_cast<int>(outcome.status), static_cast<bool>(outcome.connect_failure));
+      -> decltype(static_cast<int>(outcome.status), static_cast<bool>(outcome.connect_failure),
+                  static_cast<TryVerdict>(outcome.verdict), bool()) {
+    return report(h, static_cast<int>(outcome.status), static_cast<bool>(outcome.connect_failure), outcome.verdict);
   }
 
   /// An active probe's result; `reason` says why a probe failed ("connection refused",
@@ -423,9 +427,11 @@ private:
     bool is_5xx;       ///< counts toward consecutive_5xx
     bool gateway;      ///< counts toward consecutive_gateway_failure
   };
-  Verdict classify(int status, bool connect_failure) const noexcept {
+  Verdict classify(int status, bool connect_failure, TryVerdict verdict) const noexcept {
     const bool no_reply = connect_failure || status == 0;
-    return {options_.passive.max_fails > 0 && (no_reply || is_fail_status(status)),
+    const bool failed = verdict == TryVerdict::by_status ? no_reply || is_fail_status(status)
+                                                         : verdict == TryVerdict::failure;
+    return {options_.passive.max_fails > 0 && failed,
             options_.outlier.enabled && (no_reply || (status >= 500 && status <= 599)),
             no_reply || status == 502 || status == 503 || status == 504};
   }

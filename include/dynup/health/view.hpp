@@ -10,6 +10,11 @@
 
 DYNUP_NAMESPACE_BEGIN
 
+/// Who decides whether a try failed, for passive health (max_fails). An embedder with
+/// its own rule (nginx's proxy_next_upstream: a 502 on the last try is not a failure,
+/// one that is retried is) says so; otherwise fail_statuses and no reply decide.
+enum class TryVerdict : std::uint8_t { by_status, success, failure };
+
 /// One peer's routing state, as policies see it.
 struct PeerCondition {
   bool available = true;    ///< false: never picked (critical in the registry, ejected, down)
