@@ -713,11 +713,18 @@ ngx_http_upstream_dynup(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     /* policy=NAME is the policy object's "name", beside any policy.options.*; a
      * policy given whole as a JSON object stays as it is */
     pa = params.elts;
+    j = 0;
     for (i = 0; i < params.nelts; i++) {
-        if (pa[i].path.len == 6 && ngx_strncmp(pa[i].path.data, "policy", 6) == 0
-            && pa[i].value.len > 0 && pa[i].value.data[0] == '"')
-        {
-            ngx_str_set(&pa[i].path, "policy.name");
+        if (pa[i].path.len == 6 && ngx_strncmp(pa[i].path.data, "policy", 6) == 0) {
+            if (j++ > 0) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "dynup: \"policy\" conflicts with another parameter: "
+                                   "it sets the same value twice");
+                return NGX_CONF_ERROR;
+            }
+            if (pa[i].value.len > 0 && pa[i].value.data[0] == '"') {
+                ngx_str_set(&pa[i].path, "policy.name");
+            }
         }
     }
 

@@ -207,7 +207,7 @@ TEST_CASE("nginx module config: conflicting or repeated parameters are refused n
   check_rejected(kDynup + " policy=ewma policy.name=random;",
                  {"dynup: \"policy.name\" conflicts with another parameter"}, kBodyLine);
   check_rejected(kDynup + " policy=ewma policy=random;",
-                 {"dynup: \"policy\" conflicts with another parameter", "or the same value twice"}, kBodyLine);
+                 {"dynup: \"policy\" conflicts with another parameter", "the same value twice"}, kBodyLine);
   check_rejected(kDynup + " watch.poll_ms=100 watch.poll_ms=200;",
                  {"dynup: \"watch.poll_ms\" conflicts with another parameter"}, kBodyLine);
   check_rejected(kDynup + " key=$uri key=$args;", {"dynup: \"key\" is duplicate"}, kBodyLine);

@@ -122,8 +122,12 @@ public:
     cli.set_read_timeout(10s);
     auto res = cli.Get(key.empty() ? "/" : "/?k=" + key);
     if (!res) throw std::runtime_error("no answer from nginx: " + httplib::to_string(res.error()) + "\n" + error_log());
+    // The times differ between the sides; how many tries each variable lists must not.
+    const std::size_t n = entries(res->get_header_value("X-Addr"));
+    const bool same_count = entries(res->get_header_value("X-Response-Time")) == n &&
+                            entries(res->get_header_value("X-Connect-Time")) == n;
     return std::to_string(res->status) + " " + tries(side, res->get_header_value("X-Addr")) + " " +
-           res->get_header_value("X-Status");
+           res->get_header_value("X-Status") + (same_count ? "" : " (per-try variables disagree)");
   }
 
   // The same request through both sides; CHECKs they agree; returns the static side's.
@@ -153,6 +157,12 @@ public:
   }
 
 private:
+  static std::size_t entries(const std::string& list) {
+    std::size_t n = list.empty() ? 0 : 1;
+    for (std::size_t at = list.find(", "); at != std::string::npos; at = list.find(", ", at + 2)) ++n;
+    return n;
+  }
+
   // "127.0.0.1:P1, 127.0.0.1:P2" as backend indices "i,j"; an upstream's name (no live
   // upstreams) as "none".
   std::string tries(int side, const std::string& addrs) const {
@@ -203,7 +213,9 @@ private:
       c += "    location = /ready { return 200 \"" + token_ + "\"; }\n";
       c += "    location = /status { dynup_status; }\n";
       c += std::string("    location / { proxy_pass http://") + names[side] + "; proxy_next_upstream " +
-           s.next_upstream + "; add_header X-Addr $upstream_addr always; add_header X-Status $upstream_status always; }\n";
+           s.next_upstream + "; add_header X-Addr $upstream_addr always; add_header X-Status $upstream_status always; "
+           "add_header X-Response-Time $upstream_response_time always; "
+           "add_header X-Connect-Time $upstream_connect_time always; }\n";
       c += "  }\n";
     }
     c += "}\n";
