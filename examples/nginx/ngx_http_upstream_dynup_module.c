@@ -75,11 +75,15 @@ typedef struct {
     dynup_upstream                 *handle;  /* this worker's; NULL in the master */
     ngx_http_upstream_dynup_addr_t *addrs;   /* this worker's address cache, or NULL */
     u_char                         *start_error; /* why the handle could not be made */
+    uint64_t                        errors_seen; /* dynup_errors_since's count */
 } ngx_http_upstream_dynup_srv_conf_t;
 
 typedef struct {
     ngx_array_t                     upstreams; /* ngx_http_upstream_dynup_srv_conf_t * */
+    ngx_event_t                     errors_ev; /* this worker's once-a-second error log */
 } ngx_http_upstream_dynup_main_conf_t;
+
+#define NGX_HTTP_DYNUP_ERRORS_EVERY  1000   /* ms between two looks at the errors */
 
 typedef struct {
     dynup_selection                 sel;     /* first: 8-byte aligned */
@@ -481,6 +485,29 @@ ngx_http_upstream_dynup_add_param(ngx_conf_t *cf, ngx_array_t *params, char *pat
 }
 
 
+/* A file:// source must be readable now, as an `include` must: `nginx -t` says so
+ * instead of a worker serving nothing. */
+static ngx_int_t
+ngx_http_upstream_dynup_check_file(ngx_conf_t *cf, ngx_str_t *source)
+{
+    u_char  *spec;
+    char     err[NGX_HTTP_DYNUP_ERR_LEN];
+
+    spec = ngx_pnalloc(cf->temp_pool, source->len + 1);
+    if (spec == NULL) {
+        return NGX_ERROR;
+    }
+    ngx_cpystrn(spec, source->data, source->len + 1);
+
+    if (dynup_source_file_check((char *) spec, err, sizeof(err)) != DYNUP_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "dynup: %s", err);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
 /* Whether a parameter sets `path` or an object above it ("health" for
  * "health.panic.threshold_percent"). */
 static ngx_uint_t
@@ -616,6 +643,10 @@ ngx_http_upstream_dynup(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     value = cf->args->elts;
+
+    if (ngx_http_upstream_dynup_check_file(cf, &value[1]) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
 
     if (ngx_array_init(&params, cf->temp_pool, 8, sizeof(ngx_http_upstream_dynup_param_t))
         != NGX_OK)
@@ -891,6 +922,40 @@ ngx_http_upstream_dynup_postconfiguration(ngx_conf_t *cf)
 
 /* ---- worker processes ---------------------------------------------------------- */
 
+/* Logs what went wrong in each upstream since the last look: dynup's threads never call
+ * into nginx, so this worker's event loop collects their errors (a registry refusing, a
+ * file that cannot be read), one line per upstream per second at most. */
+static void
+ngx_http_upstream_dynup_log_errors(ngx_event_t *ev)
+{
+    ngx_http_upstream_dynup_main_conf_t   *dmcf = ev->data;
+    ngx_http_upstream_dynup_srv_conf_t   **dcfp;
+    ngx_uint_t                             i;
+    uint64_t                               n;
+    char                                   err[NGX_HTTP_DYNUP_ERR_LEN];
+
+    dcfp = dmcf->upstreams.elts;
+    for (i = 0; i < dmcf->upstreams.nelts; i++) {
+        if (dcfp[i]->handle == NULL) {
+            continue;
+        }
+        n = dynup_errors_since(dcfp[i]->handle, &dcfp[i]->errors_seen, err, sizeof(err));
+        if (n == 1) {
+            ngx_log_error(NGX_LOG_ERR, ev->log, 0, "dynup: upstream \"%V\": %s",
+                          &dcfp[i]->name, err);
+
+        } else if (n > 1) {
+            ngx_log_error(NGX_LOG_ERR, ev->log, 0,
+                          "dynup: upstream \"%V\": %s (and %uL more errors in the last second)",
+                          &dcfp[i]->name, err, n - 1);
+        }
+    }
+
+    if (!ngx_exiting && !ngx_quit && !ngx_terminate) {
+        ngx_add_timer(ev, NGX_HTTP_DYNUP_ERRORS_EVERY);
+    }
+}
+
 static ngx_int_t
 ngx_http_upstream_dynup_init_process(ngx_cycle_t *cycle)
 {
@@ -918,6 +983,11 @@ ngx_http_upstream_dynup_init_process(ngx_cycle_t *cycle)
         return NGX_ERROR;
     }
 
+    dmcf->errors_ev.handler = ngx_http_upstream_dynup_log_errors;
+    dmcf->errors_ev.data = dmcf;
+    dmcf->errors_ev.log = cycle->log;
+    dmcf->errors_ev.cancelable = 1; /* a graceful stop does not wait for it */
+
     dcfp = dmcf->upstreams.elts;
     for (i = 0; i < dmcf->upstreams.nelts; i++) {
         /* without it (out of memory) every pick parses its peer's address */
@@ -938,6 +1008,10 @@ ngx_http_upstream_dynup_init_process(ngx_cycle_t *cycle)
 
     (void) pthread_sigmask(SIG_SETMASK, &saved, NULL);
 
+    if (dmcf->upstreams.nelts > 0) {
+        ngx_http_upstream_dynup_log_errors(&dmcf->errors_ev); /* start errors, and the timer */
+    }
+
     return NGX_OK;
 }
 
@@ -952,6 +1026,10 @@ ngx_http_upstream_dynup_exit_process(ngx_cycle_t *cycle)
     dmcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_upstream_dynup_module);
     if (dmcf == NULL) {
         return;
+    }
+
+    if (dmcf->errors_ev.timer_set) {
+        ngx_del_timer(&dmcf->errors_ev);
     }
 
     /* Stops the threads and drops the lead, so another worker takes it at once. */

@@ -12,11 +12,14 @@
 #include <dynup/upstream.hpp>
 
 #include <nlohmann/json.hpp>
+#include <fcntl.h>
 #include <pthread.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -24,13 +27,23 @@
 #include <exception>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <string>
 #include <string_view>
 #include <type_traits>
 #include <utility>
 
+// The errors the upstream's threads report, kept for dynup_errors_since: no dynup thread
+// calls into its host, so the host's own thread collects them to log.
+struct dynup_errors {
+  std::mutex mu;
+  std::string last;
+  std::uint64_t count = 0;
+};
+
 struct dynup_upstream {
+  std::shared_ptr<dynup_errors> errors = std::make_shared<dynup_errors>();
   std::unique_ptr<dynup::Upstream> up;
   std::uint64_t tag = 0;             ///< marks the selections this handle made live
   std::uint64_t fork_generation = 0; ///< forks seen by this process when it was created
@@ -202,7 +215,11 @@ DYNUP_C_API dynup_upstream* dynup_upstream_new(const char* json_config, char* er
     h->fork_generation = forks.load(std::memory_order_relaxed);
     h->pid = ::getpid();
     h->tag = next_tag();
-    auto started = dynup::Upstream::start(doc);
+    auto started = dynup::Upstream::start(doc, dynup::steady_clock(), [errors = h->errors](const dynup::Error& e) {
+      std::lock_guard<std::mutex> lock(errors->mu);
+      errors->last = e.message();
+      ++errors->count;
+    });
     if (!started) {
       write_err(err, err_len, started.error().message());
       return nullptr;
@@ -231,6 +248,41 @@ DYNUP_C_API int dynup_config_check(const char* json_config, char* err, size_t er
     write_err(err, err_len, "dynup_config_check: unknown exception");
   }
   return DYNUP_E_INTERNAL;
+}
+
+DYNUP_C_API int dynup_source_file_check(const char* spec, char* err, size_t err_len) {
+  if (spec == nullptr) return fail(err, err_len, DYNUP_E_ARGUMENT, "dynup_source_file_check: the spec is NULL");
+  if (std::strncmp(spec, "file:", 5) != 0) return DYNUP_OK; // dynup_config_check judges the others
+  try {
+    auto parsed = dynup::parse_source_spec(spec);
+    if (!parsed) return fail(err, err_len, DYNUP_E_ARGUMENT, parsed.error().message());
+    const int fd = ::open(parsed->path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+      const int e = errno;
+      return fail(err, err_len, DYNUP_E_ARGUMENT,
+                  "cannot read the peer file " + parsed->path + " of source " + spec + ": " + std::strerror(e));
+    }
+    struct stat st {};
+    const bool dir = ::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode);
+    ::close(fd);
+    if (dir)
+      return fail(err, err_len, DYNUP_E_ARGUMENT,
+                  "cannot read the peer file " + parsed->path + " of source " + spec + ": it is a directory");
+    return DYNUP_OK;
+  } catch (const std::exception& e) {
+    if (err != nullptr && err_len > 0) std::snprintf(err, err_len, "dynup_source_file_check: %s", e.what());
+  }
+  return DYNUP_E_INTERNAL;
+}
+
+DYNUP_C_API uint64_t dynup_errors_since(dynup_upstream* up, uint64_t* seen, char* buf, size_t len) {
+  if (up == nullptr || seen == nullptr || forked(up)) return 0;
+  std::lock_guard<std::mutex> lock(up->errors->mu);
+  if (up->errors->count <= *seen) return 0;
+  const std::uint64_t n = up->errors->count - *seen;
+  *seen = up->errors->count;
+  write_err(buf, len, up->errors->last);
+  return n;
 }
 
 DYNUP_C_API void dynup_upstream_free(dynup_upstream* up) {

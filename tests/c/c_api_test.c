@@ -412,6 +412,71 @@ static void test_report_feeds_health(void) {
   dynup_upstream_free(up);
 }
 
+/* The embedder's verdict decides what passive health counts: a 502 it calls a success
+ * takes nothing out, one it calls failed does, at once. */
+static void test_report_try_verdict(void) {
+  dynup_upstream* up;
+  dynup_selection sel = {0};
+  char err[256];
+  int i, to_first = 0;
+
+  write_file("verdict.json", "[\"10.0.5.1:80\",\"10.0.5.2:80\"]");
+  up = start("verdict.json", ",\"health\":{\"passive\":{\"max_fails\":1,\"fail_timeout_ms\":60000,"
+                             "\"fail_statuses\":[502]}}");
+  REQUIRE(dynup_pick(up, NULL, 0, NULL, 0, &sel, err, sizeof err) == DYNUP_OK);
+  CHECK(dynup_report_try(up, &sel, 502, 100, DYNUP_TRY_FAILED | DYNUP_TRY_SUCCEEDED) == DYNUP_E_ARGUMENT);
+  CHECK(dynup_report_try(up, &sel, 502, 100, DYNUP_TRY_SUCCEEDED) == DYNUP_OK);
+  for (i = 0; i < 10; ++i) {
+    REQUIRE(dynup_pick(up, NULL, 0, NULL, 0, &sel, err, sizeof err) == DYNUP_OK);
+    to_first += strcmp(sel.host, "10.0.5.1") == 0;
+    CHECK(dynup_report_try(up, &sel, 502, 100, DYNUP_TRY_SUCCEEDED) == DYNUP_OK);
+  }
+  CHECK(to_first == 5); /* both still in rotation */
+  REQUIRE(dynup_pick(up, NULL, 0, NULL, 0, &sel, err, sizeof err) == DYNUP_OK);
+  CHECK(dynup_report_try(up, &sel, 200, 100, DYNUP_TRY_FAILED) == DYNUP_OK); /* a 200 it failed */
+  {
+    char failed[sizeof sel.host];
+    strcpy(failed, sel.host);
+    for (i = 0; i < 10; ++i) { /* no rebuild needed: the very next picks skip it */
+      REQUIRE(dynup_pick(up, NULL, 0, NULL, 0, &sel, err, sizeof err) == DYNUP_OK);
+      CHECK(strcmp(sel.host, failed) != 0);
+      dynup_cancel(up, &sel);
+    }
+  }
+  dynup_upstream_free(up);
+}
+
+/* Errors of the upstream's threads wait for the embedder's thread, counted. */
+static void test_errors_since(void) {
+  dynup_upstream* up;
+  uint64_t seen = 0, n = 0;
+  char path[128], msg[256];
+  int i;
+
+  CHECK(dynup_errors_since(NULL, &seen, msg, sizeof msg) == 0);
+  write_file("errors.json", "[\"10.0.6.1:80\"]");
+  up = start("errors.json", "");
+  CHECK(dynup_errors_since(up, &seen, msg, sizeof msg) == 0);
+  path_of(path, "errors.json");
+  REQUIRE(unlink(path) == 0);
+  for (i = 0; i < 1000 && n == 0; ++i) {
+    n = dynup_errors_since(up, &seen, msg, sizeof msg);
+    if (n == 0) sleep_ms(10);
+  }
+  CHECK(n >= 1);
+  CHECK(seen == n);
+  CHECK(contains(msg, "cannot open"));
+  CHECK(contains(msg, "No such file or directory"));
+  CHECK(dynup_errors_since(up, &seen, msg, sizeof msg) == 0); /* taken */
+  CHECK(dynup_peer_count(up) == 1);                            /* the set is kept */
+  dynup_upstream_free(up);
+
+  CHECK(dynup_source_file_check("consul://127.0.0.1:1/health/api", msg, sizeof msg) == DYNUP_OK);
+  CHECK(dynup_source_file_check("file:///nonexistent/dynup/peers.json", msg, sizeof msg) == DYNUP_E_ARGUMENT);
+  CHECK(contains(msg, "cannot read the peer file /nonexistent/dynup/peers.json"));
+  CHECK(contains(msg, "No such file or directory"));
+}
+
 /* A handle made before fork() is refused in the child, which can still free it. */
 static void test_fork(void) {
   dynup_upstream* up;
@@ -478,6 +543,8 @@ int main(void) {
   test_file_change();
   test_no_peer_errors();
   test_report_feeds_health();
+  test_report_try_verdict();
+  test_errors_since();
   test_fork();
   remove_dir();
   if (failures != 0) {

@@ -256,6 +256,12 @@ TEST_CASE("nginx module config: dynup outside an upstream block is refused") {
                  "location /elsewhere { dynup file://@DIR/peers.json; }");
 }
 
+TEST_CASE("nginx module config: a file source that cannot be read fails nginx -t with the path and why, as an include does") {
+  check_rejected("dynup file://@DIR/missing.json;",
+                 {"dynup: cannot read the peer file", "missing.json", "No such file or directory"}, kBodyLine);
+  check_rejected("dynup file://@DIR;", {"dynup: cannot read the peer file"}, kBodyLine); // a directory
+}
+
 TEST_CASE("nginx module config: a valid directive with dotted parameters passes nginx -t and starts nothing") {
   require_nginx_and_module();
   const std::vector<std::string> bodies = {

@@ -19,10 +19,10 @@
 
 #include <algorithm>
 #include <chrono>
-#include <filesystem>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <filesystem>
 #include <map>
 #include <set>
 #include <sstream>
@@ -372,6 +372,19 @@ TEST_CASE("nginx module: with keepalive, sequential requests reuse a few backend
             << " backend connection(s) with keepalive 16, " << distinct[false] << " without");
   CHECK(distinct[true] <= 8); // one per worker and backend, with room for a few more
   CHECK(distinct[false] == n);
+}
+
+TEST_CASE("nginx module: a peer file that goes away reaches nginx's error log with its cause, and the set is kept") {
+  require_module_nginx();
+  ModuleNginx ngx(with_backends(2, {0, 1}));
+  REQUIRE(all_workers(ngx, [](const json& st) { return st.at("peers").size() == 2; }));
+  std::filesystem::remove(ngx.peer_file());
+  const std::string expected = "dynup: upstream \"api\": cannot open " + ngx.peer_file() + ": No such file or directory";
+  CHECK_MESSAGE(dynup_test::wait_until([&] { return dynup_test::contains(ngx.error_log(), expected); }, 10000ms),
+                "error log:\n" << ngx.error_log());
+  NginxTraffic t = ngx.send(10);
+  CHECK(t.failures.empty());
+  CHECK(t.by_backend["0"] + t.by_backend["1"] == 10);
 }
 
 TEST_CASE("nginx module: a dead peer is retried on a live one, then passive health takes it out") {

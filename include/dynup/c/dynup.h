@@ -157,6 +157,22 @@ DYNUP_C_API int dynup_uses_latency(dynup_upstream* up);
 DYNUP_C_API int dynup_report(dynup_upstream* up, dynup_selection* sel, int status, int64_t latency_us,
                              int connect_failure);
 
+/* The upstream's errors (a refused connection, HTTP 429, a file that cannot be read, a
+ * set its guards refused, "Too many open files") for the embedder to log from its own
+ * thread, since no dynup thread calls into its host. `*seen` is how many the caller has
+ * taken so far (start at 0): returns how many came since, 0 when none, and writes the
+ * newest message to `buf` (NUL-terminated, cut to `len`) and the new total to `*seen`.
+ * Polled once a second, it logs at most one line per upstream per second. 0 on NULLs
+ * and in a forked child. Any thread; takes a mutex the error path also takes. */
+DYNUP_C_API uint64_t dynup_errors_since(dynup_upstream* up, uint64_t* seen, char* buf, size_t len);
+
+/* For a configuration check (`nginx -t`): whether a file:// source spec names a file this
+ * process can open for reading, as nginx requires of an `include`. DYNUP_OK for a
+ * readable file and for every other scheme (nothing is fetched); DYNUP_E_ARGUMENT with
+ * the reason and the path in `err` otherwise (a malformed spec, a missing file, no
+ * permission). Opens and closes the file; starts nothing. */
+DYNUP_C_API int dynup_source_file_check(const char* spec, char* err, size_t err_len);
+
 /* dynup_report_try's flags: how the embedder judged the try. Without DYNUP_TRY_FAILED or
  * DYNUP_TRY_SUCCEEDED, passive health judges by the status as dynup_report does. */
 #define DYNUP_TRY_CONNECT_FAILED 1u /* the connection could not be made (implies failed) */
