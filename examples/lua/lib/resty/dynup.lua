@@ -6,8 +6,8 @@
 --   init_worker_by_lua_block {   -- one handle per worker: never in init_by_lua (the master)
 --       assert(dynup.new({name = "api", source = "file:///etc/dynup/api.json"}))
 --   }
---   balancer_by_lua_block { dynup.get("api"):balance(ngx.var.http_x_key, 2) }
---   log_by_lua_block { dynup.get("api"):report() }
+--   balancer_by_lua_block { dynup.balance("api", ngx.var.http_x_key, 2) }
+--   log_by_lua_block { dynup.report("api") }
 --
 -- balance() is pick() + ngx.balancer.set_current_peer (+ set_more_tries on the first try,
 -- + ngx.exit(NO_LIVE_UPSTREAMS) when no peer is left); pick() alone gives host and port.
