@@ -14,8 +14,8 @@
 
 #include <chrono>
 #include <condition_variable>
-#include <csignal>
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -251,8 +251,8 @@ struct Shutdown {
     if (sigwait(&signals, &sig) != 0) continue;
     std::lock_guard<std::mutex> lock(s.mu);
     if (!s.watching) {
-      std::fflush(nullptr);
-      std::_Exit(0); // stdout lines are whole: print_line flushes each
+      std::lock_guard<std::mutex> whole_lines(out_mu); // no line is cut: print_line flushes each
+      std::_Exit(0);
     }
     s.signalled = true;
     s.cv.notify_all();

@@ -5,10 +5,11 @@ local dynup = require "resty.dynup"
 
 local dir = t.temp_dir()
 local path = dir .. "/peers.json"
-t.write_file(path, [[{"peers":[
-  {"id":"a","host":"10.0.0.1","port":8001},
-  {"id":"b","host":"10.0.0.2","port":8002},
-  {"id":"c","host":"10.0.0.3","port":8003}]}]])
+local peers = {}
+for i, id in ipairs({"a", "b", "c"}) do
+  peers[i] = string.format('{"id":"%s","host":"10.0.0.%d","port":%d}', id, i, 8000 + i)
+end
+t.write_file(path, '{"peers":[' .. table.concat(peers, ",") .. ']}')
 
 local up = assert(dynup.new({name = "api", source = "file://" .. path,
                              health = {passive = {max_fails = 1, fail_statuses = {502}}}}, {lib = t.lib}))

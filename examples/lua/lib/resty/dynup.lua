@@ -190,8 +190,9 @@ function _M.encode_config(cfg)
   return concat(out)
 end
 
--- The JSON text of a config table or string, or nil and why, prefixed with `fn`.
-local function config_json(cfg, fn)
+-- The JSON text of a config table or string and the library `opts` names, or nil and
+-- why (a config's reason prefixed with `fn`).
+local function config_and_lib(cfg, opts, fn)
   local json, err
   if type(cfg) == "string" then
     json, err = cfg, json_nul(cfg)
@@ -201,7 +202,10 @@ local function config_json(cfg, fn)
     err = "the config must be a table or a JSON string, got a " .. type(cfg)
   end
   if err then return nil, fn .. ": " .. err end
-  return json
+  local lib
+  lib, err = load_lib((opts or {}).lib)
+  if not lib then return nil, err end
+  return json, lib
 end
 
 --- Checks a config (a table or a JSON string) as new() reads it, with the same messages,
@@ -209,12 +213,8 @@ end
 --- the JSON path. For a check before nginx starts (`nginx -t` runs no init_worker_by_lua):
 --- `luajit -e 'assert(require("resty.dynup").check(dofile("/etc/nginx/api.lua")))'`.
 function _M.check(cfg, opts)
-  opts = opts or {}
-  local json, err = config_json(cfg, "resty.dynup.check")
-  if not json then return nil, err end
-  local lib
-  lib, err = load_lib(opts.lib)
-  if not lib then return nil, err end
+  local json, lib = config_and_lib(cfg, opts, "resty.dynup.check")
+  if not json then return nil, lib end
   local has_fn, rc = pcall(function() return lib.dynup_config_check(json, errbuf, ERR_LEN) end)
   if not has_fn then return nil, "resty.dynup.check: the loaded dynup C library predates dynup_config_check" end
   if rc ~= 0 then return nil, ffi_string(errbuf) end
@@ -227,12 +227,8 @@ end
 --- it in init_worker_by_lua: each worker needs its own handle. The upstream is also
 --- registered under its name for get().
 function _M.new(cfg, opts)
-  opts = opts or {}
-  local json, err = config_json(cfg, "resty.dynup.new")
-  if not json then return nil, err end
-  local lib
-  lib, err = load_lib(opts.lib)
-  if not lib then return nil, err end
+  local json, lib = config_and_lib(cfg, opts, "resty.dynup.new")
+  if not json then return nil, lib end
 
   local owner = lib.dynup_upstream_new(json, errbuf, ERR_LEN)
   if owner == nil then return nil, ffi_string(errbuf) end
@@ -333,7 +329,8 @@ local IN_CTX = {}
 local get_request, get_last_failure, set_current_peer, set_more_tries
 
 -- The request's state (nil when it has none), the nginx phase when `ctx` is nil, and an
--- error outside a request. `picking`: pick() asks, and may start a state; in
+-- error outside a request or for a `ctx` that is no table. `phase`: the caller's
+-- ngx.get_phase(), if it has it. `picking`: pick() asks, and may start a state; in
 -- balancer_by_lua it also gets get_last_failure()'s state and code (4th and 5th values).
 -- In balancer_by_lua the state is filed under the nginx request itself (resty.core's
 -- get_request(), a pointer), not in ngx.ctx: creating and releasing an ngx.ctx table
