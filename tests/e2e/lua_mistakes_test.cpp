@@ -4,7 +4,9 @@
 // reason and a normal answer (the request served, or a 502), never as a 500, a hung
 // client or a pick left live to wedge the requests that follow.
 #include <support/lua_nginx.hpp>
+#include <support/process.hpp>
 #include <support/wait.hpp>
+#include <support/wrk.hpp>
 
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
@@ -53,6 +55,25 @@ TEST_CASE("lua binding: report() given $upstream_status text reports it and wedg
   LuaNginx ngx(2, 0, {0, 1}, json::object(), blocks);
   all_served(ngx, 20);
   nothing_in_flight(ngx);
+
+  SUBCASE("and under wrk -c20") {
+    std::string why = dynup_test::wrk_missing_reason();
+    REQUIRE_MESSAGE(why.empty(), why);
+    dynup_test::Process load({dynup_test::wrk_binary(), "-t2", "-c20", "-d2s", "--timeout", "5s",
+                              "http://127.0.0.1:" + std::to_string(ngx.proxy_port()) + "/"});
+    const std::string out = load.read_all(dynup_test::Process::Stream::out, 30s);
+    const auto exit = load.wait_exit(10s);
+    INFO("wrk output:\n" << out);
+    REQUIRE(exit.has_value());
+    REQUIRE(exit->code == 0);
+    const dynup_test::WrkSummary s = dynup_test::parse_wrk(out);
+    MESSAGE("wrk -t2 -c20 -d2s: " << s.requests << " requests, " << s.non_2xx_3xx << " not 2xx/3xx, "
+                                  << s.socket_errors << " socket errors");
+    CHECK(s.requests > 0);
+    CHECK(s.non_2xx_3xx == 0);
+    CHECK(s.socket_errors == 0);
+    nothing_in_flight(ngx);
+  }
   const std::string log = ngx.error_log();
   CHECK(log.find("still live") == std::string::npos);
   CHECK(log.find("[error]") == std::string::npos);
