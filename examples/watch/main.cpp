@@ -3,22 +3,31 @@
 //   dynup-watch file:///etc/dynup/api.json
 //   dynup-watch --snapshot /var/lib/dynup/api.snap consul://127.0.0.1:8500/health/api
 //   {"version":1,"index":1,"peers":[{"id":"10.0.0.1:8080",…}]}
+//   dynup-watch --check-config /etc/nginx/dynup/api.json   (an upstream's config, checked)
 //
 // Errors go to stderr, one line each, and never stop the watch: the last good set stays.
 // Sources are started through dynup::Watcher, so every scheme behaves the same here.
 #include <dynup/dynup.hpp>
 
+#include <nlohmann/json.hpp>
 #include <pthread.h>
 
 #include <chrono>
+#include <condition_variable>
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <iterator>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <thread>
 
 namespace {
 
@@ -42,6 +51,12 @@ constexpr const char* usage_text =
     "                                        default): a peer object, \"host:port\" or host:port\n"
     "  etcd://HOST[:PORT]/KEY?layout=document  one key holding a whole peer-set document\n"
     "  PORT defaults to 8500 for consul and 2379 for etcd (its v3 JSON gateway, etcd 3.4+).\n"
+    "  (push:// is not watchable: its sets come from a proxy's write API, not from a source.)\n"
+    "\n"
+    "dynup-watch --check-config FILE\n"
+    "  checks an upstream's JSON config (docs/UPSTREAM.md: what resty.dynup's new() and\n"
+    "  dynup_upstream_new take) as they read it, and starts nothing: exit 0 when it is\n"
+    "  valid, 1 with the reason, naming the JSON path, when not. FILE - reads stdin.\n"
     "\n"
     "options:\n"
     "  --once            print the first version and exit 0; exit 1 if nothing could be\n"
@@ -62,11 +77,13 @@ constexpr const char* usage_text =
     "  --strong          exit 1 when the first fetch fails, instead of serving the snapshot\n"
     "                    or waiting for the source\n"
     "\n"
-    "exit status: 0 after SIGINT/SIGTERM/SIGHUP or a successful --once; 1 when --once\n"
-    "published nothing or --strong's first fetch failed; 2 for a bad command line or SPEC.\n";
+    "exit status: 0 after SIGINT/SIGTERM/SIGHUP (even while the first fetch hangs) or a\n"
+    "successful --once or --check-config; 1 when --once published nothing, --strong's first\n"
+    "fetch failed or --check-config found the config invalid; 2 for a bad command line or SPEC.\n";
 
 struct Options {
   std::string spec;
+  std::string check_config; ///< --check-config FILE: check it and exit
   bool once = false;
   std::optional<long> poll_ms; ///< file:// only
   std::optional<long> wait_ms; ///< consul:// and etcd:// only, like the two below
@@ -117,6 +134,9 @@ Options parse_args(int argc, char** argv) {
     } else if (a == "--snapshot") {
       o.snapshot = next("--snapshot");
       if (o.snapshot.empty()) die_usage("--snapshot needs a path");
+    } else if (a == "--check-config") {
+      o.check_config = next("--check-config");
+      if (o.check_config.empty()) die_usage("--check-config needs a file (- for stdin)");
     } else if (a == "--strong") {
       o.strong = true;
     } else if (a == "--min-peers") {
@@ -135,6 +155,10 @@ Options parse_args(int argc, char** argv) {
       die_usage("only one SPEC may be given");
     }
   }
+  if (!o.check_config.empty()) {
+    if (argc != 3) die_usage("--check-config FILE takes no SPEC and no other option");
+    return o;
+  }
   if (o.spec.empty()) die_usage("missing SPEC");
   return o;
 }
@@ -152,6 +176,11 @@ void print_line(std::FILE* f, const std::string& line) {
 // An unknown scheme is left to Watcher::validate, which names the supported ones.
 void check_scheme_options(const Options& o) {
   std::string_view scheme = std::string_view(o.spec).substr(0, o.spec.find(':'));
+  if (scheme == "push") {
+    // Watcher::start takes it, and then nothing would ever arrive: nobody pushes here.
+    die_usage("push:// cannot be watched: its sets arrive through a proxy's write API (nginx dynup_api, "
+              "dynup-proxy's admin API), and dynup-watch has none; watch the source the pusher reads instead");
+  }
   if (scheme == "file") {
     const char* registry_only = o.wait_ms             ? "--wait-ms"
                                 : !o.snapshot.empty() ? "--snapshot"
@@ -174,10 +203,67 @@ dynup::AnyWatchOptions watch_options(const Options& o) {
   return w;
 }
 
+// --check-config: the upstream config read as dynup_config_check reads it (the same
+// parse_upstream_config, the same messages), with nothing started. Exit 0 or 1.
+int check_config(const std::string& file) {
+  std::string text;
+  if (file == "-") {
+    text.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
+  } else {
+    std::ifstream in(file, std::ios::binary);
+    if (!in) {
+      print_line(stderr, "dynup-watch: " + file + ": cannot read: " + std::strerror(errno));
+      return 1;
+    }
+    text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  nlohmann::json doc;
+  try {
+    doc = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::parse_error& e) {
+    std::string what = e.what(); // "[json.exception.parse_error.101] parse error at …"
+    if (auto close = what.find("] "); close != std::string::npos) what.erase(0, close + 2);
+    print_line(stderr, "dynup-watch: " + file + ": upstream: invalid JSON: " + what);
+    return 1;
+  }
+  auto parsed = dynup::parse_upstream_config(doc);
+  if (!parsed) {
+    print_line(stderr, "dynup-watch: " + file + ": " + parsed.error().message());
+    return 1;
+  }
+  print_line(stdout, "dynup-watch: " + file + ": upstream " + parsed.value().name + " is valid");
+  return 0;
+}
+
+// What main and the signal thread share. A signal before the watcher exists cannot stop
+// it (Watcher::start blocks on the first fetch, for as long as a hung or trickling
+// registry keeps it): the process exits then and there, as a SIGTERM after it would.
+struct Shutdown {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool watching = false; ///< Watcher::start has returned: the signal goes to main
+  bool signalled = false;
+};
+
+[[noreturn]] void wait_signals(sigset_t signals, Shutdown& s) {
+  for (;;) {
+    int sig = 0;
+    if (sigwait(&signals, &sig) != 0) continue;
+    std::lock_guard<std::mutex> lock(s.mu);
+    if (!s.watching) {
+      std::lock_guard<std::mutex> whole_lines(out_mu); // no line is cut: print_line flushes each
+      std::_Exit(0);
+    }
+    s.signalled = true;
+    s.cv.notify_all();
+  }
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
   Options opts = parse_args(argc, argv);
+  if (!opts.check_config.empty()) return check_config(opts.check_config);
   check_scheme_options(opts);
   dynup::AnyWatchOptions options = watch_options(opts);
   // Spec errors exit 2 before anything starts; the messages name the spec, never a token.
@@ -186,13 +272,16 @@ int main(int argc, char** argv) {
     return 2;
   }
 
-  // Signals are taken synchronously by sigwait below, so block them before any thread starts.
+  // Signals are taken by one thread's sigwait, so block them before any thread starts,
+  // then start that thread before the first fetch, which may never end.
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGINT);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  static Shutdown quit; // static: the detached thread may outlive main's frame
+  std::thread(wait_signals, signals, std::ref(quit)).detach();
 
   // With --once only the first set is printed, after the watcher has stopped, so a
   // change arriving meanwhile cannot add a second line.
@@ -212,6 +301,10 @@ int main(int argc, char** argv) {
     return 1;
   }
   dynup::Watcher watcher = std::move(started).value();
+  {
+    std::lock_guard<std::mutex> lock(quit.mu);
+    quit.watching = true;
+  }
   // The JSON line cannot say the set is stale; say it here when the snapshot stood in.
   if (auto st = watcher.status();
       !opts.snapshot.empty() && st.stale && st.consecutive_failures > 0 && publisher.version() != 0)
@@ -226,8 +319,10 @@ int main(int argc, char** argv) {
     return 0;
   }
 
-  int sig = 0;
-  sigwait(&signals, &sig);
+  {
+    std::unique_lock<std::mutex> lock(quit.mu);
+    quit.cv.wait(lock, [] { return quit.signalled; });
+  }
   watcher.stop();
   return 0;
 }

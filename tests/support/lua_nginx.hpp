@@ -75,6 +75,16 @@ enum class LuaBalancer {
   explicit_steps,
 };
 
+/// The Lua blocks of a LuaNginx written out, for tests of what callers get wrong: each
+/// string is the body of its *_by_lua_block.
+struct LuaBlocks {
+  /// A pick per try (keyed by X-Key), two retries allowed, the request ended (502) when
+  /// no peer is live.
+  std::string balancer = R"(dynup.get("api"):balance(ngx.var.http_x_key, 2))";
+  std::string log = R"(dynup.get("api"):report())"; ///< in `location /`
+  std::string status = R"(ngx.print(dynup.get("api"):status()))"; ///< content of /status
+};
+
 /// nginx with lua-nginx-module running the Lua binding: the upstream's JSON config is
 /// made into a handle per worker in init_worker_by_lua, balancer_by_lua picks (`style`),
 /// log_by_lua reports, /status prints the handle's status.
@@ -86,17 +96,20 @@ public:
   /// peer file).
   LuaNginx(std::size_t backends, std::size_t dead, std::vector<std::size_t> initial,
            nlohmann::json upstream_extra = nlohmann::json::object(), LuaBalancer style = LuaBalancer::balance)
+      : LuaNginx(backends, dead, std::move(initial), std::move(upstream_extra),
+                 style == LuaBalancer::balance ? LuaBlocks{} : explicit_blocks()) {}
+
+  /// The same with each Lua block given.
+  LuaNginx(std::size_t backends, std::size_t dead, std::vector<std::size_t> initial, nlohmann::json upstream_extra,
+           LuaBlocks blocks)
       : WorkerNginx("nginx (lua)", shape(backends, dead, std::move(initial)),
-                    configure(std::move(upstream_extra), style)) {}
+                    configure(std::move(upstream_extra), std::move(blocks))) {}
 
 private:
-  // The body of `upstream api`: a pick per try (keyed by X-Key), two retries allowed, the
-  // request ended when no peer is live. nginx wants a `server` line: a placeholder.
-  static constexpr const char* balance_balancer = R"(    server 0.0.0.1;
-    balancer_by_lua_block { dynup.get("api"):balance(ngx.var.http_x_key, 2) }
-)";
-  static constexpr const char* explicit_balancer = R"(    server 0.0.0.1;
-    balancer_by_lua_block {
+  // LuaBalancer::explicit_steps: LuaBlocks{}'s balance() written out in the block.
+  static LuaBlocks explicit_blocks() {
+    LuaBlocks b;
+    b.balancer = R"(
       local balancer = require "ngx.balancer"
       local dynup = require "resty.dynup"
       local up = dynup.get("api")
@@ -111,8 +124,9 @@ private:
         ngx.log(ngx.ERR, "dynup: set_current_peer: ", set_err)
         return ngx.exit(ngx.ERROR)
       end
-    }
-)";
+    )";
+    return b;
+  }
 
   static WorkerNginxShape shape(std::size_t backends, std::size_t dead, std::vector<std::size_t> initial) {
     std::string missing = lua_nginx_missing_reason(nginx_binary());
@@ -124,8 +138,8 @@ private:
     return s;
   }
 
-  static WorkerNginxConfigure configure(nlohmann::json extra, LuaBalancer style) {
-    return [extra = std::move(extra), style](const WorkerNginx& n) {
+  static WorkerNginxConfigure configure(nlohmann::json extra, LuaBlocks blocks) {
+    return [extra = std::move(extra), blocks = std::move(blocks)](const WorkerNginx& n) {
       const std::string modules = nginx_modules_dir(nginx_binary());
       nlohmann::json upstream = extra;
       upstream["name"] = "api";
@@ -140,9 +154,10 @@ private:
                 std::string(DYNUP_C_LIB) + "\"})\n";
       l.http += "    if not up then ngx.log(ngx.ERR, \"dynup: \", err) end\n";
       l.http += "  }\n";
-      l.upstream = style == LuaBalancer::balance ? balance_balancer : explicit_balancer;
-      l.proxy += "      log_by_lua_block { dynup.get(\"api\"):report() }\n";
-      l.status += "      content_by_lua_block { ngx.print(dynup.get(\"api\"):status()) }\n";
+      // nginx wants a `server` line in an upstream block: a placeholder.
+      l.upstream = "    server 0.0.0.1;\n    balancer_by_lua_block { " + blocks.balancer + " }\n";
+      l.proxy += "      log_by_lua_block { " + blocks.log + " }\n";
+      l.status += "      content_by_lua_block { " + blocks.status + " }\n";
       return l;
     };
   }

@@ -6,8 +6,8 @@
 --   init_worker_by_lua_block {   -- one handle per worker: never in init_by_lua (the master)
 --       assert(dynup.new({name = "api", source = "file:///etc/dynup/api.json"}))
 --   }
---   balancer_by_lua_block { dynup.get("api"):balance(ngx.var.http_x_key, 2) }
---   log_by_lua_block { dynup.get("api"):report() }
+--   balancer_by_lua_block { dynup.balance("api", ngx.var.http_x_key, 2) }
+--   log_by_lua_block { dynup.report("api") }
 --
 -- balance() is pick() + ngx.balancer.set_current_peer (+ set_more_tries on the first try,
 -- + ngx.exit(NO_LIVE_UPSTREAMS) when no peer is left); pick() alone gives host and port.
@@ -38,6 +38,7 @@ int dynup_abi_version(void);
 size_t dynup_selection_size(void);
 const char* dynup_strerror(int rc);
 dynup_upstream* dynup_upstream_new(const char* json_config, char* err, size_t err_len);
+int dynup_config_check(const char* json_config, char* err, size_t err_len);
 void dynup_upstream_free(dynup_upstream* up);
 int dynup_pick(dynup_upstream* up, const char* key, size_t key_len, const uint64_t* exclude_id_hashes,
                size_t n_exclude, dynup_selection* out, char* err, size_t err_len);
@@ -88,8 +89,13 @@ local function load_lib(path)
   if not ok then
     return nil, "resty.dynup: cannot load the dynup C library \"" .. path .. "\": " .. tostring(loaded)
   end
-  local abi = loaded.dynup_abi_version()
-  if abi ~= C_ABI_VERSION or tonumber(loaded.dynup_selection_size()) ~= ffi.sizeof("dynup_selection") then
+  -- A library without dynup's symbols raises on the first lookup: say so instead.
+  local has_abi, abi, size = pcall(function() return loaded.dynup_abi_version(), loaded.dynup_selection_size() end)
+  if not has_abi then
+    local why = tostring(abi):gsub("^[^:]*:%d+: ", "") -- without the position in this file
+    return nil, "resty.dynup: \"" .. path .. "\" is not dynup's C library (libdynup_c.so): " .. why
+  end
+  if abi ~= C_ABI_VERSION or tonumber(size) ~= ffi.sizeof("dynup_selection") then
     return nil, "resty.dynup: " .. path .. " has C ABI " .. abi .. ", this module speaks " .. C_ABI_VERSION
   end
   libs[path] = loaded
@@ -106,9 +112,16 @@ local function json_string(s)
   end) .. '"'
 end
 
+-- No dynup setting takes a NUL byte, and the C library's messages, NUL-terminated,
+-- would end at one: refused here with the path, before the C library quotes it.
+local function nul_error(path, s)
+  return path .. ": contains a NUL byte (" .. s:gsub("%z", "\\0") .. "): no dynup setting accepts one"
+end
+
 local function encode(v, path, out, depth)
   local t = type(v)
   if t == "string" then
+    if find(v, "\0", 1, true) then error(nul_error(path, v), 0) end
     out[#out + 1] = json_string(v)
   elseif t == "number" then
     if v ~= v or v == huge or v == -huge then error(path .. ": not a finite number", 0) end
@@ -139,6 +152,7 @@ local function encode(v, path, out, depth)
     local keys = {}
     for k in pairs(v) do
       if type(k) ~= "string" then error(path .. ": a key is a " .. type(k) .. ", not a string", 0) end
+      if find(k, "\0", 1, true) then error(nul_error(path .. "." .. k, k), 0) end
       keys[#keys + 1] = k
     end
     sort(keys)
@@ -155,6 +169,19 @@ local function encode(v, path, out, depth)
   end
 end
 
+-- Why a JSON config text cannot go to the C library, or nil: a raw NUL would cut it, a
+-- \u0000 escape would cut the message naming it (an odd run of backslashes escapes the u).
+local function json_nul(json)
+  local at = find(json, "\0", 1, true)
+  if at then return "the JSON config holds a NUL byte at byte " .. at end
+  for slashes, pos in json:gmatch("(\\+)u0000()") do
+    if #slashes % 2 == 1 then
+      return "the JSON config holds \\u0000 at byte " .. (pos - 6) .. ": no dynup setting accepts a NUL"
+    end
+  end
+  return nil
+end
+
 --- Encodes a config table as dynup's JSON (exposed for tests and for logging it).
 function _M.encode_config(cfg)
   local out = {}
@@ -163,25 +190,45 @@ function _M.encode_config(cfg)
   return concat(out)
 end
 
+-- The JSON text of a config table or string and the library `opts` names, or nil and
+-- why (a config's reason prefixed with `fn`).
+local function config_and_lib(cfg, opts, fn)
+  local json, err
+  if type(cfg) == "string" then
+    json, err = cfg, json_nul(cfg)
+  elseif type(cfg) == "table" then
+    json, err = _M.encode_config(cfg)
+  else
+    err = "the config must be a table or a JSON string, got a " .. type(cfg)
+  end
+  if err then return nil, fn .. ": " .. err end
+  local lib
+  lib, err = load_lib((opts or {}).lib)
+  if not lib then return nil, err end
+  return json, lib
+end
+
+--- Checks a config (a table or a JSON string) as new() reads it, with the same messages,
+--- but starts nothing: no thread, no I/O. Returns true, or nil and the reason naming
+--- the JSON path. For a check before nginx starts (`nginx -t` runs no init_worker_by_lua):
+--- `luajit -e 'assert(require("resty.dynup").check(dofile("/etc/nginx/api.lua")))'`.
+function _M.check(cfg, opts)
+  local json, lib = config_and_lib(cfg, opts, "resty.dynup.check")
+  if not json then return nil, lib end
+  local has_fn, rc = pcall(function() return lib.dynup_config_check(json, errbuf, ERR_LEN) end)
+  if not has_fn then return nil, "resty.dynup.check: the loaded dynup C library predates dynup_config_check" end
+  if rc ~= 0 then return nil, ffi_string(errbuf) end
+  return true
+end
+
 --- Starts an upstream: `cfg` is a table or a JSON string (docs/UPSTREAM.md), `opts.lib`
 --- the path of libdynup_c.so. Returns the upstream, or nil and the reason (a config
 --- error names its JSON path). Blocks until the first peer set is read. In nginx, call
 --- it in init_worker_by_lua: each worker needs its own handle. The upstream is also
 --- registered under its name for get().
 function _M.new(cfg, opts)
-  opts = opts or {}
-  local json, err
-  if type(cfg) == "string" then
-    json = cfg
-  elseif type(cfg) == "table" then
-    json, err = _M.encode_config(cfg)
-    if not json then return nil, "resty.dynup.new: " .. err end
-  else
-    return nil, "resty.dynup.new: the config must be a table or a JSON string, got a " .. type(cfg)
-  end
-  local lib
-  lib, err = load_lib(opts.lib)
-  if not lib then return nil, err end
+  local json, lib = config_and_lib(cfg, opts, "resty.dynup.new")
+  if not json then return nil, lib end
 
   local owner = lib.dynup_upstream_new(json, errbuf, ERR_LEN)
   if owner == nil then return nil, ffi_string(errbuf) end
@@ -218,9 +265,13 @@ function _M.new(cfg, opts)
   return self
 end
 
---- The upstream new() last made under `name` in this Lua VM (this nginx worker), or nil.
+--- The upstream new() last made under `name` in this Lua VM (this nginx worker), or nil
+--- and why: `dynup.get("api"):balance()` raises on nil, see _M.balance for the safe form.
 function _M.get(name)
-  return registry[name]
+  local up = registry[name]
+  if up then return up end
+  return nil, "resty.dynup: no upstream named " .. string.format("%q", tostring(name)):gsub("\\\n", "\\n") ..
+              " in this worker: dynup.new() failed (see its error logged in init_worker_by_lua) or never ran"
 end
 
 --- The version of the loaded dynup C library, or nil and why it cannot be loaded.
@@ -230,9 +281,11 @@ function _M.version(lib_path)
   return ffi_string(lib.dynup_version())
 end
 
---- The id_hash dynup gives the peer id `id` (what pick() excludes on a retry).
+--- The id_hash dynup gives the peer id `id` (what pick() excludes on a retry), or nil
+--- and why the library cannot be loaded.
 function _M.peer_id_hash(id, lib_path)
-  local lib = assert(load_lib(lib_path))
+  local lib, err = load_lib(lib_path)
+  if not lib then return nil, err end
   return lib.dynup_peer_id_hash(id, #id)
 end
 
@@ -276,7 +329,8 @@ local IN_CTX = {}
 local get_request, get_last_failure, set_current_peer, set_more_tries
 
 -- The request's state (nil when it has none), the nginx phase when `ctx` is nil, and an
--- error outside a request. `picking`: pick() asks, and may start a state; in
+-- error outside a request or for a `ctx` that is no table. `phase`: the caller's
+-- ngx.get_phase(), if it has it. `picking`: pick() asks, and may start a state; in
 -- balancer_by_lua it also gets get_last_failure()'s state and code (4th and 5th values).
 -- In balancer_by_lua the state is filed under the nginx request itself (resty.core's
 -- get_request(), a pointer), not in ngx.ctx: creating and releasing an ngx.ctx table
@@ -288,8 +342,11 @@ local get_request, get_last_failure, set_current_peer, set_more_tries
 -- started at another time (ngx.req.start_time(), to the millisecond) is not this
 -- request's, so report() in a later request that never picked does not end it. Picks in
 -- other phases keep their state in ngx.ctx, as an explicit `ctx` does.
-local function request_state(self, ctx, picking)
+local function request_state(self, ctx, picking, phase)
   if ctx ~= nil then
+    if type(ctx) ~= "table" then
+      return nil, nil, "resty.dynup: the request's state must be a table (nil in nginx), got a " .. type(ctx)
+    end
     local st = ctx[self._ctx_key]
     if st == nil then
       st = new_state()
@@ -297,7 +354,7 @@ local function request_state(self, ctx, picking)
     end
     return st
   end
-  local phase = request_phase()
+  phase = phase or request_phase()
   if not phase then return nil, nil, "resty.dynup: outside an nginx request, pass the request's state table" end
   if get_request == nil then
     get_request = require("resty.core.base").get_request
@@ -316,7 +373,9 @@ local function request_state(self, ctx, picking)
   if phase == "balancer" and picking then
     failure, code = get_last_failure()
     if failure == nil then -- a first try
-      if st ~= nil and st ~= IN_CTX and st.live then
+      -- Whatever the flags say (a handler that raised midway), the C side's pick of an
+      -- unpooled state ends here: a no-op when it has ended, a wedge when it has not.
+      if st ~= nil and st ~= IN_CTX and not st.pooled and st.sel ~= nil then
         local h = self._box.h
         if h ~= nil then self.lib.dynup_cancel(h, st.sel) end
         st.live = false
@@ -362,7 +421,8 @@ end
 
 local function seconds_to_us(s)
   local v = tonumber(s)
-  if not v or v < 0 then return 0 end
+  if not v or not (v >= 0) then return 0 end -- nil, negative, NaN
+  if v > 1e9 then v = 1e9 end -- dynup_report's int64 and its clamp take the rest
   return floor(v * 1e6 + 0.5)
 end
 
@@ -378,16 +438,22 @@ local function add_tried(st)
   st.n = st.n + 1
 end
 
+-- Ends the pick in C, then in `st`: marked ended first, a pick whose C call raised
+-- would stay live there with nothing left to end it. `status` nil: cancel; else a
+-- number, as are `latency_us` (callers check theirs: an FFI conversion raises).
 local function end_pick(self, st, status, latency_us, connect_failure)
   local h = self._box.h
+  local rc = 0
+  if h ~= nil then
+    if status == nil then
+      self.lib.dynup_cancel(h, st.sel)
+    else
+      rc = self.lib.dynup_report(h, st.sel, status, latency_us, connect_failure and 1 or 0)
+    end
+  end
   st.live = false
   st.ended = true
   if h == nil then return nil, "resty.dynup: upstream " .. self.name .. " is closed" end
-  if status == nil then
-    self.lib.dynup_cancel(h, st.sel)
-    return true
-  end
-  local rc = self.lib.dynup_report(h, st.sel, status, latency_us, connect_failure and 1 or 0)
   if rc ~= 0 then return nil, "resty.dynup: report: " .. ffi_string(self.lib.dynup_strerror(rc)) end
   return true
 end
@@ -410,10 +476,11 @@ local function report_failed_try(self, st, state, code)
 end
 
 -- pick(), and the request's state (nil on an error) for balance().
-local function pick(self, key, ctx)
+local function pick(self, key, ctx, phase)
   local h = self._box.h
   if h == nil then return nil, nil, "resty.dynup: upstream " .. self.name .. " is closed" end
-  local st, phase, err, failure, code = request_state(self, ctx, true)
+  local st, err, failure, code
+  st, phase, err, failure, code = request_state(self, ctx, true, phase)
   if not st then return nil, nil, err end
   if st.pooled then return nil, nil, "resty.dynup: this request's pick was already reported in log_by_lua" end
   if st.live then
@@ -444,6 +511,22 @@ local function pick(self, key, ctx)
   return host, sel.port, nil, st
 end
 
+-- "a string \"x\"", "a table": a wrong argument, for an error message.
+local function describe(v)
+  if type(v) == "string" then return "a string " .. string.format("%q", v):gsub("\\\n", "\\n") end
+  if type(v) == "number" then return "the number " .. tostring(v) end
+  return "a " .. type(v)
+end
+
+-- balance() outside balancer_by_lua: nothing to balance, and an ngx.exit there would
+-- leave the client without a response.
+local function misplaced(phase)
+  local err = "resty.dynup: balance() must be called in balancer_by_lua*, not in " ..
+              (phase and "the " .. phase .. " phase" or "plain Lua, outside nginx")
+  if ngx ~= nil then ngx.log(ngx.ERR, err) end
+  return nil, err
+end
+
 --- Picks a peer for this request: `host, port` (an IPv6 host comes in brackets, as
 --- ngx.balancer.set_current_peer wants it), or nil, nil and the reason ("upstream api:
 --- all peers unavailable"). In balancer_by_lua the request's state is filed under the
@@ -459,12 +542,25 @@ end
 --- balancer_by_lua in one call: pick() for `key`, ngx.balancer.set_current_peer, and on
 --- the request's first try set_more_tries(`more_tries`) when given (nginx counts the
 --- upstream block's placeholder server as its only peer: without it a failed try is not
---- retried). Returns true. When no peer is left it logs why (at ERR) and ends the
---- balancer with NO_LIVE_UPSTREAMS, nginx's 502; when set_current_peer refuses the address
---- it cancels the pick, logs, and ends it with ngx.ERROR (500). Cheaper than the same
---- steps written in the balancer_by_lua block, whose calls LuaJIT interprets per request.
+--- retried; a number or its string, 0..65535). Returns true. When no peer is left, or
+--- `more_tries` is not such a number, it logs why (at ERR) and ends the balancer with
+--- NO_LIVE_UPSTREAMS, nginx's 502; when set_current_peer refuses the address it cancels
+--- the pick, logs, and ends it with ngx.ERROR (500). Outside balancer_by_lua it does
+--- nothing but log and return nil and why. Cheaper than the same steps written in the
+--- balancer_by_lua block, whose calls LuaJIT interprets per request.
 function Upstream:balance(key, more_tries)
-  local host, port, err, st = pick(self, key)
+  local phase = ngx ~= nil and ngx.get_phase()
+  if phase ~= "balancer" then return misplaced(phase) end
+  if more_tries ~= nil then
+    local n = tonumber(more_tries)
+    if not (n and n >= 0 and n <= 65535 and n == floor(n)) then
+      ngx.log(ngx.ERR, "resty.dynup: balance(): more_tries must be a whole number 0..65535 or its string, got ",
+              describe(more_tries))
+      return ngx.exit(_M.NO_LIVE_UPSTREAMS)
+    end
+    more_tries = n
+  end
+  local host, port, err, st = pick(self, key, nil, phase)
   if not host then
     ngx.log(ngx.ERR, err)
     return ngx.exit(_M.NO_LIVE_UPSTREAMS)
@@ -495,20 +591,59 @@ local function pool_state(self, st)
   end
 end
 
+-- An explicit report's status: a number, or $upstream_status text (one entry per try,
+-- "502, 200": the last counts). "-", no status (the client left first), gives false: a
+-- cancel, as report() without a status does. Else nil and why.
+local function status_arg(status)
+  local v = status
+  if type(v) == "string" then
+    v = last_entry(v)
+    if v == "-" then return false end
+    v = tonumber(v)
+  end
+  if type(v) == "number" and v >= 0 and v <= 999 and v == floor(v) then return v end
+  return nil, "resty.dynup: report(): status must be an HTTP status 0..999 (a number or $upstream_status text), " ..
+              "got " .. describe(status)
+end
+
 --- Ends this request's live pick with its outcome. In log_by_lua, with no arguments,
 --- the outcome is the last entry of $upstream_status, $upstream_connect_time,
 --- $upstream_header_time and $upstream_response_time (the latency, read only for a
 --- policy that uses it: ewma) (no connection: a connect failure;
 --- no header: no reply; a client that left before any reply: cancelled, not a failure).
---- Explicitly: `status` (0: no reply), `latency` in seconds, `connect_failure`; `ctx` is
---- the request's state table (nil in nginx). Returns true, or nil and why
---- ("no live pick" when there is nothing to end).
+--- Explicitly: `status` (0: no reply; a number, or $upstream_status text, whose last
+--- entry counts and whose "-" cancels), `latency` in seconds, `connect_failure`; `ctx`
+--- is the request's state table (nil in nginx). Returns true, or nil and why ("no live
+--- pick" when there is nothing to end). A bad argument ends the pick without an outcome,
+--- is logged at ERR in nginx, and comes back as nil and why: it never raises.
 function Upstream:report(ctx, status, latency, connect_failure)
+  local bad
+  if ctx ~= nil and type(ctx) ~= "table" then
+    bad = "resty.dynup: report(ctx, status, latency, connect_failure): ctx must be the request's state table " ..
+          "(nil in nginx), got " .. describe(ctx)
+    ctx = nil
+  end
   local st, phase, err = request_state(self, ctx)
-  if err then return nil, err end
-  if not st or not st.live then return nil, "resty.dynup: no live pick to report" end
-  if status ~= nil then
-    return end_pick(self, st, status, seconds_to_us(latency), connect_failure)
+  if err then return nil, bad or err end
+  if not st or not st.live then return nil, bad or "resty.dynup: no live pick to report" end
+  if status ~= nil or bad then
+    local code = false -- false: cancel
+    if not bad then code, bad = status_arg(status) end
+    if not bad and latency ~= nil and not tonumber(latency) then
+      bad = "resty.dynup: report(): latency must be seconds (a number or its string), got " .. describe(latency)
+    end
+    local ok
+    if bad then
+      -- The caller's mistake must not leave the pick live (wedging the request's state
+      -- and the peer's in-flight count): it ends without an outcome.
+      end_pick(self, st, nil)
+      if ngx ~= nil then ngx.log(ngx.ERR, bad) end
+    else
+      ok, err = end_pick(self, st, code or nil, seconds_to_us(latency), connect_failure)
+    end
+    if (ok or bad) and phase == "log" and ctx == nil then pool_state(self, st) end
+    if bad then return nil, bad end
+    return ok, err
   end
   if ctx ~= nil and not request_phase() then return nil, "resty.dynup: report outside nginx needs a status" end
   local var = ngx.var
@@ -590,6 +725,28 @@ function Upstream:close()
   if registry[self.name] == self then registry[self.name] = nil end
   ffi_gc(owner, nil)
   self.lib.dynup_upstream_free(owner)
+end
+
+--- balancer_by_lua for the upstream named `name`: get(name):balance(key, more_tries),
+--- except that an unknown name (its new() failed in init_worker_by_lua) is logged and
+--- answered 502 (NO_LIVE_UPSTREAMS) instead of raising, which nginx answers with a 500.
+function _M.balance(name, key, more_tries)
+  local up = registry[name]
+  if up then return up:balance(key, more_tries) end
+  local phase = ngx ~= nil and ngx.get_phase()
+  if phase ~= "balancer" then return misplaced(phase) end
+  local _, err = _M.get(name)
+  ngx.log(ngx.ERR, err)
+  return ngx.exit(_M.NO_LIVE_UPSTREAMS)
+end
+
+--- log_by_lua for the upstream named `name`: get(name):report(...), except that an
+--- unknown name is logged and returned as nil and why instead of raising.
+function _M.report(name, ctx, status, latency, connect_failure)
+  local up, err = _M.get(name)
+  if up then return up:report(ctx, status, latency, connect_failure) end
+  if ngx ~= nil then ngx.log(ngx.ERR, err) end
+  return nil, err
 end
 
 return _M
