@@ -110,10 +110,13 @@ private:
 
 /// One upstream: a source watched, peers balanced by a policy, health tracked.
 ///
-/// Threads: pick() and report() from any number of request threads: lock-free and
-/// allocation-free (a selection's lease on its table is a count in the thread's own
-/// cache line, not a shared reference count; a failure report may take a per-peer
-/// mutex). status() from any thread. The watcher,
+/// Threads: pick() and report() from any number of request threads. While the routing
+/// table is unchanged a pick is one atomic load and the policy's own work: no lock, no
+/// allocation, nothing shared written (a selection's lease on its table is a count in
+/// the thread's own cache line). The first pick of a thread after a new table takes the
+/// table cell's mutex once to copy its pointer, and a thread's very first pick on an
+/// upstream allocates its cache slot. A failure report may take a per-peer mutex.
+/// status() from any thread. The watcher,
 /// the active checker and the rebuild thread are owned here; nothing is global, so any
 /// number of upstreams can live in one process. stop() (or the destructor) ends them.
 class Upstream {
@@ -176,7 +179,9 @@ public:
 
   /// Picks a peer for one request (or one retry: put the tried ones in ctx.tried). A
   /// selection with a peer must end: report() once the request ends, or cancel() (or
-  /// its destructor) when it is never sent. noexcept, no allocation, no lock.
+  /// its destructor) when it is never sent. noexcept; no lock and no allocation while
+  /// the table is unchanged (see the class comment for a thread's first pick of a new
+  /// table, which locks once, and of an upstream, which allocates once).
   UpstreamSelection pick(const PickContext& ctx = {}) const noexcept {
     if (shared_) shared_->notice(); // a follower: one load of the shared version
     UpstreamSelection out;
@@ -377,14 +382,27 @@ private:
   // watcher could not start. Any thread but the rebuild thread; once at a time.
   bool lead() {
     std::unique_ptr<ActiveChecker> checker;
-    if (config_.health.active.kind != ActiveCheckOptions::Kind::none)
-      checker = std::make_unique<ActiveChecker>(config_.health.active, [this](const ProbeResult& r) {
-        auto table = tables_.load();
-        const Peer* p = table->set->find(r.id);
-        if (p == nullptr) return; // left the set since
-        auto i = static_cast<std::size_t>(p - &(*table->set)[0]);
-        if (i < table->health.size() && tracker_.report_active(*table->health[i], r.ok, r.reason)) wake(false);
-      });
+    if (config_.health.active.kind != ActiveCheckOptions::Kind::none) {
+      // Its eventfd or thread may fail (EMFILE, EAGAIN): an error to report, never an
+      // exception escaping the shared-mode thread that calls lead().
+      try {
+        checker = std::make_unique<ActiveChecker>(config_.health.active, [this](const ProbeResult& r) {
+          auto table = tables_.load();
+          const Peer* p = table->set->find(r.id);
+          if (p == nullptr) return; // left the set since
+          auto i = static_cast<std::size_t>(p - &(*table->set)[0]);
+          if (i < table->health.size() && tracker_.report_active(*table->health[i], r.ok, r.reason)) wake(false);
+        });
+      } catch (const std::exception& e) {
+        Error err(Errc::io_error, "upstream " + config_.name + ": active checks could not start: " + e.what());
+        {
+          std::lock_guard<std::mutex> lock(roles_mu_);
+          lead_error_ = err;
+        }
+        if (shared_ && on_error_) on_error_(err);
+        return false;
+      }
+    }
     {
       std::lock_guard<std::mutex> lock(roles_mu_);
       checker_ = std::move(checker);

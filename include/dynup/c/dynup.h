@@ -129,8 +129,10 @@ DYNUP_C_API void dynup_upstream_free(dynup_upstream* up);
  * "upstream <name>: <reason>"; DYNUP_E_ARGUMENT when up, out or (with n_exclude > 0)
  * exclude_id_hashes is NULL, or when `out` is still live from an earlier pick (end it
  * first; it is left untouched); DYNUP_E_FORKED.
- * Any thread, concurrently; lock-free; allocates nothing, but for a thread's first pick
- * on a handle (its cache of the routing table) and beyond 64 excluded peers. */
+ * Any thread, concurrently. Lock-free and allocation-free while the routing table is
+ * unchanged; a thread's first pick after a new table takes a mutex once, its first pick
+ * on a handle allocates its cache of the table, and more than 64 excluded peers
+ * allocate. */
 DYNUP_C_API int dynup_pick(dynup_upstream* up, const char* key, size_t key_len, const uint64_t* exclude_id_hashes,
                            size_t n_exclude, dynup_selection* out, char* err, size_t err_len);
 

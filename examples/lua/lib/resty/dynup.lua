@@ -43,6 +43,7 @@ void dynup_upstream_free(dynup_upstream* up);
 int dynup_pick(dynup_upstream* up, const char* key, size_t key_len, const uint64_t* exclude_id_hashes,
                size_t n_exclude, dynup_selection* out, char* err, size_t err_len);
 int dynup_report(dynup_upstream* up, dynup_selection* sel, int status, int64_t latency_us, int connect_failure);
+int dynup_report_try(dynup_upstream* up, dynup_selection* sel, int status, int64_t latency_us, unsigned flags);
 void dynup_cancel(dynup_upstream* up, dynup_selection* sel);
 size_t dynup_status(dynup_upstream* up, char* buf, size_t len);
 int dynup_uses_latency(dynup_upstream* up);
@@ -190,6 +191,37 @@ function _M.encode_config(cfg)
   return concat(out)
 end
 
+-- A config table with nginx's behaviour where the library's defaults differ and the
+-- table says nothing (examples/nginx/README.md, "nginx behaviour"): no panic routing,
+-- and round_robin in nginx's own sequence. A copy: the caller's table is left as it is.
+local function with_nginx_defaults(cfg)
+  local copy = {}
+  for k, v in pairs(cfg) do copy[k] = v end
+  local health = type(copy.health) == "table" and copy.health or nil
+  if copy.health == nil or (health and (health.panic == nil
+      or (type(health.panic) == "table" and health.panic.threshold_percent == nil))) then
+    local h = {}
+    for k, v in pairs(health or {}) do h[k] = v end
+    local panic = {}
+    for k, v in pairs(type(h.panic) == "table" and h.panic or {}) do panic[k] = v end
+    panic.threshold_percent = 0
+    h.panic = panic
+    copy.health = h
+  end
+  local policy = copy.policy
+  if policy == nil or policy == "round_robin" then
+    copy.policy = { name = "round_robin", options = { sequence = "nginx" } }
+  elseif type(policy) == "table" and policy.name == "round_robin"
+      and (policy.options == nil or (type(policy.options) == "table" and policy.options.sequence == nil)) then
+    local options = {}
+    for k, v in pairs(policy.options or {}) do options[k] = v end
+    options.sequence = "nginx"
+    copy.policy = { name = "round_robin", options = options }
+  end
+  return copy
+end
+_M.with_nginx_defaults = with_nginx_defaults
+
 -- The JSON text of a config table or string and the library `opts` names, or nil and
 -- why (a config's reason prefixed with `fn`).
 local function config_and_lib(cfg, opts, fn)
@@ -197,7 +229,7 @@ local function config_and_lib(cfg, opts, fn)
   if type(cfg) == "string" then
     json, err = cfg, json_nul(cfg)
   elseif type(cfg) == "table" then
-    json, err = _M.encode_config(cfg)
+    json, err = _M.encode_config(with_nginx_defaults(cfg))
   else
     err = "the config must be a table or a JSON string, got a " .. type(cfg)
   end
@@ -257,6 +289,7 @@ function _M.new(cfg, opts)
   }, Upstream)
   -- report() reads $upstream_response_time (about 1 k instructions a request) only for
   -- a policy that uses latency; a library older than dynup_uses_latency: always.
+  self._report_try = pcall(function() return lib.dynup_report_try end)
   local has_fn, uses = pcall(function() return lib.dynup_uses_latency(owner) end)
   self._latency = not has_fn or uses ~= 0
   self.name = self:status():match('^{"name":"([^"]*)"') or "?"
@@ -441,12 +474,17 @@ end
 -- Ends the pick in C, then in `st`: marked ended first, a pick whose C call raised
 -- would stay live there with nothing left to end it. `status` nil: cancel; else a
 -- number, as are `latency_us` (callers check theirs: an FFI conversion raises).
-local function end_pick(self, st, status, latency_us, connect_failure)
+-- `verdict`: nginx's own, "failed" or "ok", which decides what max_fails counts as in
+-- nginx (a retried try failed; the last try's 502 did not); nil: by the status.
+local function end_pick(self, st, status, latency_us, connect_failure, verdict)
   local h = self._box.h
   local rc = 0
   if h ~= nil then
     if status == nil then
       self.lib.dynup_cancel(h, st.sel)
+    elseif verdict and self._report_try then
+      local flags = (connect_failure and 1 or 0) + (verdict == "failed" and 2 or 4)
+      rc = self.lib.dynup_report_try(h, st.sel, status, latency_us, flags)
     else
       rc = self.lib.dynup_report(h, st.sel, status, latency_us, connect_failure and 1 or 0)
     end
@@ -467,12 +505,13 @@ local function report_failed_try(self, st, state, code)
   local connect = last_entry(var.upstream_connect_time)
   local header = last_entry(var.upstream_header_time)
   local latency = seconds_to_us(last_entry(var.upstream_response_time))
+  local verdict = state == "next" and "ok" or "failed" -- "next": a 403/404 passed on
   if connect == "-" then
-    return end_pick(self, st, 0, latency, true)
+    return end_pick(self, st, 0, latency, true, "failed")
   elseif header == "-" or (connect == nil and state == "failed") then
-    return end_pick(self, st, 0, latency, false) -- no reply: timeout, reset, bad header
+    return end_pick(self, st, 0, latency, false, "failed") -- no reply: timeout, reset, bad header
   end
-  return end_pick(self, st, tonumber(code) or 0, latency, false)
+  return end_pick(self, st, tonumber(code) or 0, latency, false, verdict)
 end
 
 -- pick(), and the request's state (nil on an error) for balance().
@@ -656,7 +695,7 @@ function Upstream:report(ctx, status, latency, connect_failure)
     local code = tonumber(status_text)
     if code then
       local latency_us = self._latency and seconds_to_us(last_entry(var.upstream_response_time)) or 0
-      local ok, err = end_pick(self, st, code, latency_us, false)
+      local ok, err = end_pick(self, st, code, latency_us, false, "ok")
       if ok and phase == "log" and ctx == nil then pool_state(self, st) end
       return ok, err
     end
@@ -667,16 +706,17 @@ function Upstream:report(ctx, status, latency, connect_failure)
   local connect = (header == nil or header == "-") and last_entry(var.upstream_connect_time) or nil
   local latency_us = seconds_to_us(last_entry(var.upstream_response_time))
   local ok, err
+  -- The last try: as in nginx, one that got a reply succeeded, whatever its status.
   if connect == "-" then
-    ok, err = end_pick(self, st, 0, latency_us, true)
+    ok, err = end_pick(self, st, 0, latency_us, true, "failed")
   elseif header == "-" or header == nil then
     if ngx.status == 499 or var.status == "499" then
       ok, err = end_pick(self, st, nil)
     else
-      ok, err = end_pick(self, st, 0, latency_us, false)
+      ok, err = end_pick(self, st, 0, latency_us, false, "failed")
     end
   else
-    ok, err = end_pick(self, st, tonumber(last_entry(var.upstream_status)) or 0, latency_us, false)
+    ok, err = end_pick(self, st, tonumber(last_entry(var.upstream_status)) or 0, latency_us, false, "ok")
   end
   if ok and phase == "log" and ctx == nil then pool_state(self, st) end
   return ok, err
