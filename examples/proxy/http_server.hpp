@@ -10,11 +10,11 @@
 //
 //   accept (cpp-httplib's loop) ─► reactor: one epoll thread reads heads and bodies of
 //   every connection, with total deadlines, and checks framing (http_framing.hpp)
-//   ─► a complete request ─► worker pool: cpp-httplib's process_request on a normalized
-//   copy, the response written; the rest of the connection's bytes (pipelined requests)
+//   ─► a complete request ─► the connection's worker: cpp-httplib's process_request on a
+//   normalized copy, the response written; the rest of the connection's bytes (pipelined requests)
 //   are served next, in order, else the connection goes back to the reactor.
 //
-// A slow or idle client costs a descriptor and a buffer, not a thread. Past
+// A slow or idle client costs a descriptor and a buffer, not a thread's time. Past
 // max_connections, the connection that has waited longest for its request is closed to
 // make room (slow clients are the oldest); if every connection is being served, the new one
 // gets 503.
@@ -38,7 +38,9 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -64,6 +66,80 @@ struct ServerLimits {
   unsigned workers = 64;                           ///< requests served at once
 };
 
+/// Worker threads, each with its own queue. A connection is given to one worker for its
+/// life (the one with the fewest connections), as a connection is to an nginx worker: its
+/// requests run in order on one thread, so per-thread balancer state (round robin's
+/// position) sees the connection's requests in sequence. Connections beyond the number
+/// of workers share them; waiting connections cost a worker nothing.
+class Workers {
+public:
+  explicit Workers(unsigned n) {
+    for (unsigned i = 0; i < n; ++i) ws_.push_back(std::make_unique<Worker>());
+    for (auto& w : ws_) w->thread = std::thread([p = w.get()] { p->run(); });
+  }
+  ~Workers() { shutdown(); }
+  Workers(const Workers&) = delete;
+  Workers& operator=(const Workers&) = delete;
+
+  /// The worker for a new connection; O(workers).
+  std::size_t assign() {
+    std::lock_guard<std::mutex> lock(assign_mu_);
+    std::size_t best = 0;
+    for (std::size_t i = 1; i < ws_.size(); ++i)
+      if (ws_[i]->conns.load() < ws_[best]->conns.load()) best = i;
+    ws_[best]->conns.fetch_add(1);
+    return best;
+  }
+  void release(std::size_t w) { ws_[w]->conns.fetch_sub(1); }
+
+  void post(std::size_t w, std::function<void()> job) {
+    Worker& k = *ws_[w];
+    {
+      std::lock_guard<std::mutex> lock(k.mu);
+      k.jobs.push_back(std::move(job));
+    }
+    k.cv.notify_one();
+  }
+
+  /// Runs the jobs posted so far, then joins the threads. Idempotent.
+  void shutdown() {
+    for (auto& w : ws_) {
+      {
+        std::lock_guard<std::mutex> lock(w->mu);
+        w->stop = true;
+      }
+      w->cv.notify_one();
+    }
+    for (auto& w : ws_)
+      if (w->thread.joinable()) w->thread.join();
+  }
+
+private:
+  struct Worker {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::deque<std::function<void()>> jobs;
+    bool stop = false;
+    std::atomic<std::size_t> conns{0};
+    std::thread thread;
+    void run() {
+      for (;;) {
+        std::function<void()> job;
+        {
+          std::unique_lock<std::mutex> lock(mu);
+          cv.wait(lock, [this] { return stop || !jobs.empty(); });
+          if (jobs.empty()) return;
+          job = std::move(jobs.front());
+          jobs.pop_front();
+        }
+        job();
+      }
+    }
+  };
+  std::mutex assign_mu_;
+  std::vector<std::unique_ptr<Worker>> ws_;
+};
+
 /// Turns a refusal (status, reason) into a response body and its content type.
 using RefusalBody = std::function<std::pair<std::string, std::string>(int status, const std::string& reason)>;
 
@@ -80,7 +156,7 @@ public:
     ev.events = EPOLLIN;
     ev.data.fd = wake_;
     ::epoll_ctl(epoll_, EPOLL_CTL_ADD, wake_, &ev);
-    workers_ = std::make_unique<httplib::ThreadPool>(limits_.workers);
+    workers_ = std::make_unique<Workers>(limits_.workers);
     reactor_ = std::thread([this] { react(); });
   }
 
@@ -118,6 +194,7 @@ private:
     Clock::time_point deadline, waiting_since;
     bool peer_closed = false;
     bool fresh = true; ///< just accepted: counted against max_connections on arrival
+    std::size_t worker = 0;
     http::Head head;
     std::size_t head_len = 0;
     std::unique_ptr<http::ChunkedBody> chunked;
@@ -216,6 +293,7 @@ private:
     c->deadline = c->waiting_since + limits_.header_timeout; // a new connection owes its first head
     c->phase = Conn::Phase::head;
     open_.fetch_add(1);
+    c->worker = workers_->assign();
     hand_to_reactor(std::move(c));
     return true;
   }
@@ -233,8 +311,9 @@ private:
     [[maybe_unused]] const ssize_t n = ::write(wake_, &one, sizeof one);
   }
 
-  void close_conn(int fd) {
-    ::close(fd);
+  void close_conn(const Conn& c) {
+    ::close(c.fd);
+    workers_->release(c.worker);
     open_.fetch_sub(1);
   }
 
@@ -343,7 +422,7 @@ private:
       }
       c->message = std::string();
       if (!ok) {
-        close_conn(c->fd); // the client is gone or does not read: nothing to linger for
+        close_conn(*c); // the client is gone or does not read: nothing to linger for
         return;
       }
       if (close || closed) {
@@ -372,8 +451,9 @@ private:
 
   void drop(int fd) {
     ::epoll_ctl(epoll_, EPOLL_CTL_DEL, fd, nullptr);
-    conns_.erase(fd);
-    close_conn(fd);
+    auto it = conns_.find(fd);
+    close_conn(*it->second);
+    conns_.erase(it);
   }
 
   // Makes room for a new connection: closes the one that has waited longest for its
@@ -448,9 +528,9 @@ private:
       break;
     }
     ::epoll_ctl(epoll_, EPOLL_CTL_DEL, fd, nullptr);
-    std::shared_ptr<Conn> owned(std::move(it->second)); // ThreadPool takes a copyable function
+    std::shared_ptr<Conn> owned(std::move(it->second)); // std::function needs a copyable job
     conns_.erase(it);
-    workers_->enqueue([this, owned] { serve(std::make_unique<Conn>(std::move(*owned))); });
+    workers_->post(owned->worker, [this, owned] { serve(std::make_unique<Conn>(std::move(*owned))); });
   }
 
   void expire(Clock::time_point now) {
@@ -503,7 +583,7 @@ private:
   std::mutex pending_mu_;
   std::vector<std::unique_ptr<Conn>> pending_; ///< new connections, and those workers gave back
   std::unordered_map<int, std::unique_ptr<Conn>> conns_; ///< the reactor's own: waiting for bytes
-  std::unique_ptr<httplib::ThreadPool> workers_;
+  std::unique_ptr<Workers> workers_;
   std::thread reactor_;
 };
 

@@ -38,13 +38,23 @@
 
 namespace {
 
+using dynup_test::Backend;
 using dynup_test::contains;
 using dynup_test::ExitStatus;
 using dynup_test::Process;
+using dynup_test::file_upstream;
+using dynup_test::peer;
+using dynup_test::peers_doc;
+using dynup_test::PeerSpec;
+using dynup_test::proxy_config;
+using dynup_test::push_upstream;
+using dynup_test::route;
 using dynup_test::RunningProxy;
+using dynup_test::Seen;
 using dynup_test::TempDir;
 using dynup_test::wait_until;
 using dynup_test::write_by_rename;
+using dynup_test::write_config;
 using nlohmann::json;
 using Stream = dynup_test::Process::Stream;
 using namespace std::chrono_literals;
@@ -52,83 +62,6 @@ using namespace std::chrono_literals;
 // Generous: a sanitizer build starts slowly, and no assertion here is about speed.
 constexpr auto start_timeout = 10000ms;
 constexpr auto change_timeout = 5000ms;
-
-// What a backend was sent.
-struct Seen {
-  std::string method;
-  std::string path;
-  httplib::Headers headers;
-  std::string body;
-};
-
-// An HTTP backend on a free loopback port that answers with its name (body and
-// X-Backend) and keeps every request it was sent. A path containing "/slow" waits
-// `slow_for` first, one ending in "/big" gets `big_bytes` bytes, "/status/N" gets N.
-class Backend {
-public:
-  explicit Backend(std::string name, std::chrono::milliseconds slow_for = 1500ms, std::size_t big_bytes = 32768)
-      : name_(std::move(name)), slow_for_(slow_for), big_bytes_(big_bytes) {
-    // Kept-alive connections from the proxy each hold a thread: enough for wrk's.
-    server_.new_task_queue = [] { return new httplib::ThreadPool(32); };
-    server_.set_tcp_nodelay(true);
-    server_.set_keep_alive_max_count(100000);
-    server_.set_keep_alive_timeout(30);
-    auto handler = [this](const httplib::Request& req, httplib::Response& res) { answer(req, res); };
-    const char* any = R"([\s\S]*)"; // "." would not match a decoded %0A
-    server_.Get(any, handler);
-    server_.Post(any, handler);
-    server_.Put(any, handler);
-    server_.Delete(any, handler);
-    port_ = server_.bind_to_any_port("127.0.0.1");
-    if (port_ <= 0) throw std::runtime_error("backend " + name_ + ": cannot bind a loopback port");
-    thread_ = std::thread([this] { server_.listen_after_bind(); });
-    // stop() before the loop runs would be lost, and the destructor would wait forever.
-    if (!wait_until([this] { return server_.is_running(); }, start_timeout)) {
-      thread_.detach();
-      throw std::runtime_error("backend " + name_ + ": did not start");
-    }
-  }
-  ~Backend() {
-    server_.stop();
-    thread_.join();
-  }
-  Backend(const Backend&) = delete;
-  Backend& operator=(const Backend&) = delete;
-
-  int port() const noexcept { return port_; }
-  const std::string& name() const noexcept { return name_; }
-
-  std::size_t requests() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return seen_.size();
-  }
-  std::vector<Seen> seen() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return seen_;
-  }
-
-private:
-  void answer(const httplib::Request& req, httplib::Response& res) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      seen_.push_back({req.method, req.path, req.headers, req.body});
-    }
-    if (contains(req.path, "/slow")) std::this_thread::sleep_for(slow_for_);
-    res.set_header("X-Backend", name_);
-    if (auto at = req.path.find("/status/"); at != std::string::npos) res.status = std::stoi(req.path.substr(at + 8));
-    const bool big = req.path.size() >= 4 && req.path.compare(req.path.size() - 4, 4, "/big") == 0;
-    res.set_content(big ? std::string(big_bytes_, 'x') : name_, "text/plain");
-  }
-
-  const std::string name_;
-  const std::chrono::milliseconds slow_for_;
-  const std::size_t big_bytes_;
-  httplib::Server server_;
-  int port_ = -1;
-  std::thread thread_;
-  mutable std::mutex mu_;
-  std::vector<Seen> seen_;
-};
 
 // A loopback port bound but not listening: a connect to it is refused at once, and no
 // other process can take the port while this object lives.
@@ -166,54 +99,6 @@ bool connect_refused(int port) {
   const bool refused = ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 && errno == ECONNREFUSED;
   ::close(fd);
   return refused;
-}
-
-// One peer of a peer file or push: a backend (or a dead port) under an id, with a weight.
-struct PeerSpec {
-  std::string id;
-  int port;
-  int weight = 1;
-};
-
-PeerSpec peer(const Backend& b, int weight = 1) { return {b.name(), b.port(), weight}; }
-
-std::string peers_doc(const std::vector<PeerSpec>& peers) {
-  json list = json::array();
-  for (const PeerSpec& p : peers)
-    list.push_back({{"id", p.id}, {"host", "127.0.0.1"}, {"port", p.port}, {"weight", p.weight}});
-  return json{{"peers", list}}.dump();
-}
-
-// A config with both listeners on free loopback ports and the given upstreams and routes.
-json proxy_config(json upstreams, json routes = nullptr) {
-  json c{{"listen", "127.0.0.1:0"},
-         {"threads", 16},
-         {"access_log", false},
-         {"admin", {{"listen", "127.0.0.1:0"}}},
-         {"limits", {{"drain_timeout_ms", 5000}}},
-         {"upstreams", std::move(upstreams)}};
-  if (!routes.is_null()) c["routes"] = std::move(routes);
-  return c;
-}
-
-json file_upstream(const std::string& name, const std::string& path) {
-  return {{"name", name}, {"source", "file://" + path}, {"policy", "round_robin"}};
-}
-
-json push_upstream(const std::string& name) {
-  return {{"name", name}, {"source", "push://"}, {"policy", "round_robin"}};
-}
-
-json route(const std::string& host, const std::string& prefix, const std::string& upstream) {
-  json r{{"prefix", prefix}, {"upstream", upstream}};
-  if (!host.empty()) r["host"] = host;
-  return r;
-}
-
-std::string write_config(const TempDir& dir, const json& config, const std::string& name = "proxy.json") {
-  const std::string path = dir.file(name);
-  write_by_rename(path, config.dump(2));
-  return path;
 }
 
 // A reply, or why there was none (status 0).
