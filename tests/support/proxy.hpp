@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <mutex>
 #include <stdexcept>
@@ -36,12 +37,12 @@ struct Seen {
 };
 
 // An HTTP backend on a free loopback port that answers with its name (body and
-// X-Backend) and keeps every request it was sent. A path containing "/slow" waits
-// `slow_for` first, one ending in "/big" gets `big_bytes` bytes, "/status/N" gets N.
+// X-Backend, and X-Path: the path it answers) and keeps every request it was sent. A path
+// containing "/hold" waits for release() first, one ending in "/big" gets `big_bytes`
+// bytes, "/status/N" gets N.
 class Backend {
 public:
-  explicit Backend(std::string name, std::chrono::milliseconds slow_for = std::chrono::milliseconds(1500), std::size_t big_bytes = 32768)
-      : name_(std::move(name)), slow_for_(slow_for), big_bytes_(big_bytes) {
+  explicit Backend(std::string name, std::size_t big_bytes = 32768) : name_(std::move(name)), big_bytes_(big_bytes) {
     // Kept-alive connections from the proxy each hold a thread: enough for wrk's.
     server_.new_task_queue = [] { return new httplib::ThreadPool(32); };
     server_.set_tcp_nodelay(true);
@@ -63,6 +64,7 @@ public:
     }
   }
   ~Backend() {
+    release();
     server_.stop();
     thread_.join();
   }
@@ -81,13 +83,23 @@ public:
     return seen_;
   }
 
+  /// Lets the requests held at "/hold" (and later ones) answer.
+  void release() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      released_ = true;
+    }
+    released_cv_.notify_all();
+  }
+
 private:
   void answer(const httplib::Request& req, httplib::Response& res) {
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      std::unique_lock<std::mutex> lock(mu_);
       seen_.push_back({req.method, req.path, req.headers, req.body});
+      // Bounded, so a test that fails before release() still ends.
+      if (contains(req.path, "/hold")) released_cv_.wait_for(lock, std::chrono::seconds(30), [this] { return released_; });
     }
-    if (contains(req.path, "/slow")) std::this_thread::sleep_for(slow_for_);
     res.set_header("X-Backend", name_);
     res.set_header("X-Path", req.path); // which request a response answers, for pipelining
     if (auto at = req.path.find("/status/"); at != std::string::npos) res.status = std::stoi(req.path.substr(at + 8));
@@ -96,13 +108,14 @@ private:
   }
 
   const std::string name_;
-  const std::chrono::milliseconds slow_for_;
   const std::size_t big_bytes_;
   httplib::Server server_;
   int port_ = -1;
   std::thread thread_;
   mutable std::mutex mu_;
   std::vector<Seen> seen_;
+  std::condition_variable released_cv_;
+  bool released_ = false;
 };
 
 // One peer of a peer file or push: a backend (or a dead port) under an id, with a weight.
