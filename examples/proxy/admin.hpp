@@ -210,6 +210,10 @@ inline std::string Proxy::metrics() const {
   sample("dynup_proxy_requests_in_flight", "", static_cast<double>(in_flight_.load()));
   family("dynup_proxy_no_route_total", "counter", "Requests no route matched (404).");
   sample("dynup_proxy_no_route_total", "", load(no_route_));
+  family("dynup_proxy_refused_requests_total", "counter",
+         "Client requests refused before routing: malformed or ambiguous framing (400, 501, 505), too large (413, "
+         "431), too slow (408), too many connections (503).");
+  sample("dynup_proxy_refused_requests_total", "", static_cast<double>(server_->refused()));
   family("dynup_proxy_idle_connections", "gauge",
          "Idle kept-alive connections pooled for reuse, to peers of the current set only.");
   for (const auto& [name, pu] : upstreams_) {

@@ -95,14 +95,18 @@ inline bool host_value(std::string_view v) {
 
 /// Where the head ends in `in`: the offset just past its empty line, 0 while it is
 /// incomplete. Lines end with CRLF or a bare LF (RFC 9112 2.2 allows a recipient either);
-/// empty lines before the request line are skipped (2.2 as well).
-inline std::size_t head_end(std::string_view in) {
+/// empty lines before the request line are skipped (2.2 as well). `scanned` carries the
+/// search over from one call to the next, as bytes arrive: a head sent a byte at a time
+/// costs O(length), not O(length²).
+inline std::size_t head_end(std::string_view in, std::size_t& scanned) {
   std::size_t start = 0;
   while (start < in.size() && (in[start] == '\r' || in[start] == '\n')) ++start;
-  for (std::size_t nl = in.find('\n', start); nl != std::string_view::npos; nl = in.find('\n', nl + 1)) {
+  for (std::size_t nl = in.find('\n', std::max(start, scanned)); nl != std::string_view::npos;
+       nl = in.find('\n', nl + 1)) {
     if (nl + 1 < in.size() && in[nl + 1] == '\n') return nl + 2;
     if (nl + 2 < in.size() && in[nl + 1] == '\r' && in[nl + 2] == '\n') return nl + 3;
   }
+  scanned = in.size() > 3 ? in.size() - 3 : 0; // an end split across two reads is found next time
   return 0;
 }
 

@@ -197,6 +197,7 @@ private:
     std::size_t worker = 0;
     http::Head head;
     std::size_t head_len = 0;
+    std::size_t head_scanned = 0; ///< head_end's progress through `in`
     std::unique_ptr<http::ChunkedBody> chunked;
     std::size_t chunk_pos = 0;
     bool continue_sent = false;
@@ -344,7 +345,7 @@ private:
   Progress advance(Conn& c, http::Refusal& why) {
     if (c.phase == Conn::Phase::idle || c.phase == Conn::Phase::head) {
       if (c.in.empty()) return Progress::more;
-      c.head_len = http::head_end(c.in);
+      c.head_len = http::head_end(c.in, c.head_scanned);
       if (c.head_len == 0 && c.in.size() <= limits_.max_head_bytes) return Progress::more;
       if (c.head_len == 0 || c.head_len > limits_.max_head_bytes) {
         why = {431, "a request head larger than " + std::to_string(limits_.max_head_bytes) + " bytes"};
@@ -360,6 +361,7 @@ private:
         return Progress::refused;
       }
       c.phase = Conn::Phase::body;
+      c.head_scanned = 0;
       c.deadline = Clock::now() + limits_.body_timeout;
       c.chunked = c.head.chunked ? std::make_unique<http::ChunkedBody>() : nullptr;
       c.chunk_pos = c.head_len;

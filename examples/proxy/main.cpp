@@ -7,6 +7,7 @@
 #include "proxy.hpp"
 
 #include <pthread.h>
+#include <sys/resource.h>
 
 #include <atomic>
 #include <chrono>
@@ -95,6 +96,18 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   std::signal(SIGPIPE, SIG_IGN); // a client or peer that hung up is an error value, not a signal
+
+  // Each client connection is a descriptor: take the hard limit, so max_connections idle
+  // or slow clients do not exhaust a soft limit of 1024 and stop every accept, the admin's too.
+  rlimit files{};
+  if (::getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+    files.rlim_cur = files.rlim_max;
+    ::setrlimit(RLIMIT_NOFILE, &files);
+  }
+  if (::getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur != RLIM_INFINITY &&
+      files.rlim_cur < config->limits.max_connections + 1024)
+    log_line("warning: the open-file limit (" + std::to_string(files.rlim_cur) + ") is not above limits.max_connections (" +
+             std::to_string(config->limits.max_connections) + ") + 1024 for the admin listener and the peers; raise it (ulimit -n)");
 
   const auto drain_timeout = config->limits.drain_timeout;
   const std::string listen_text = config->listen.text();

@@ -296,6 +296,10 @@ TEST_CASE("proxy: request-smuggling inputs are refused, the connection closed, a
   }
   INFO("the backend saw: " << joined(f.paths_seen()));
   CHECK(f.backend.requests() == 0);
+  httplib::Client admin("127.0.0.1", f.proxy->admin_port());
+  auto m = admin.Get("/metrics");
+  REQUIRE(m);
+  CHECK(contains(m->body, "\ndynup_proxy_refused_requests_total " + std::to_string(cases.size()) + "\n"));
 
   SUBCASE("the admin listener frames requests by the same rules") {
     const auto version = f.proxy->status("pushed")["version"];

@@ -941,6 +941,8 @@ TEST_CASE("proxy: --check accepts a valid config and names the JSON path of a ba
   json policy = proxy_config(json::array({up}));
   policy["upstreams"][0]["policy"] = "rr";
   json prefix = proxy_config(json::array({up}), json::array({route("", "api", "svc")}));
+  json header_timeout = proxy_config(json::array({up}));
+  header_timeout["limits"]["header_timeout_ms"] = 10;
   const std::vector<Case> cases{
       {"a route to an unknown upstream", unknown_route, {"proxy.routes[0].upstream", "no upstream is named \"nope\""}},
       {"an admin listener off loopback without a token", open_admin, {"proxy.admin.listen", "not loopback"}},
@@ -949,6 +951,7 @@ TEST_CASE("proxy: --check accepts a valid config and names the JSON path of a ba
       {"retries out of range", retries, {"proxy.limits.retries", "17"}},
       {"an unknown policy", policy, {"proxy.upstreams[0]", "rr"}},
       {"a prefix without a slash", prefix, {"proxy.routes[0].prefix", "must start with /"}},
+      {"a header timeout below 100 ms", header_timeout, {"proxy.limits.header_timeout_ms", "10"}},
   };
   ::unsetenv("DYNUP_PROXY_TEST_UNSET_VARIABLE");
   for (const Case& c : cases) {
