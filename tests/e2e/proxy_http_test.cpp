@@ -317,28 +317,28 @@ TEST_CASE("proxy: request-smuggling inputs are refused, the connection closed, a
   }
 }
 
+// Sends `bytes` (one request that ends the connection) and returns the body the backend
+// got, once the proxy has answered 200.
+std::string body_forwarded(Fixture& f, const std::string& bytes) {
+  Raw c(f.proxy->port());
+  REQUIRE(c.send(bytes));
+  c.read_to_close();
+  const auto rs = parse_responses(c.received());
+  REQUIRE_MESSAGE(rs.size() == 1, c.received());
+  CHECK(rs[0].status == 200);
+  REQUIRE(f.backend.requests() == 1);
+  return f.backend.seen()[0].body;
+}
+
 TEST_CASE("proxy: framing that RFC 9112 allows is served: a chunked body, equal Content-Lengths, 100-continue") {
   Fixture f;
   SUBCASE("a chunked body with extensions and trailers reaches the backend decoded") {
-    Raw c(f.proxy->port());
-    REQUIRE(c.send("POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n"
-                   "5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"));
-    c.read_to_close();
-    const auto rs = parse_responses(c.received());
-    REQUIRE(rs.size() == 1);
-    CHECK(rs[0].status == 200);
-    REQUIRE(f.backend.requests() == 1);
-    CHECK(f.backend.seen()[0].body == "hello world");
+    CHECK(body_forwarded(f, "POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n"
+                            "5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n") == "hello world");
   }
   SUBCASE("a repeated Content-Length with one value is that length") {
-    Raw c(f.proxy->port());
-    REQUIRE(c.send("POST /same HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc"));
-    c.read_to_close();
-    const auto rs = parse_responses(c.received());
-    REQUIRE(rs.size() == 1);
-    CHECK(rs[0].status == 200);
-    REQUIRE(f.backend.requests() == 1);
-    CHECK(f.backend.seen()[0].body == "abc");
+    CHECK(body_forwarded(f, "POST /same HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n"
+                            "Connection: close\r\n\r\nabc") == "abc");
   }
   SUBCASE("Expect: 100-continue gets 100 before the body is sent, and the body is forwarded") {
     Raw c(f.proxy->port());
