@@ -150,9 +150,9 @@ int main(int argc, char** argv) {
     std::_Exit(1);
   }
   if (served) server.join();
-  else server.detach(); // blocked on idle kept-alive connections; the exit closes them
+  else server.detach(); // run() may still be joining the admin listener just stopped; the exit ends it
   log_line("stopped");
   std::fflush(stdout);
   std::fflush(stderr);
-  std::_Exit(0); // no destructors: the server's threads may still be parked on idle connections
+  std::_Exit(0); // no destructors: lingering client connections and the workers end with the process
 }

@@ -4,10 +4,10 @@
 // admin listener.
 //
 // Threads: FramedServer (http_server.hpp) reads every client connection on one epoll
-// thread and serves each complete request on a worker of its pool, where it is forwarded
-// (blocking I/O). Everything shared between request
-// threads is an Upstream (lock-free picks), relaxed counters, and the per-peer pools of
-// idle upstream connections (one mutex per peer, held only to take or return one).
+// thread and serves each complete request on the connection's worker thread, where it is
+// forwarded (blocking I/O). Everything shared between request threads is an Upstream
+// (lock-free picks), relaxed counters, and the per-peer pools of idle upstream
+// connections (one mutex per peer, held only to take or return one).
 #pragma once
 
 #include "http_server.hpp"
@@ -291,10 +291,9 @@ public:
     if (admin.joinable()) admin.join();
   }
 
-  /// Starts draining: the proxy listener closes at once; requests in flight go on, and
-  /// each kept-alive connection ends after its current request. Any thread; returns at
-  /// once. Then wait for drained(), and end the process: cpp-httplib's server thread
-  /// returns only once every idle kept-alive client connection has timed out.
+  /// Starts draining: the proxy listener closes at once; requests in flight go on, each
+  /// kept-alive connection ends after its current request, and idle ones are closed.
+  /// Any thread; returns at once. Then wait for drained(), and end the process.
   void stop() {
     draining_ = true;
     server_->stop();
