@@ -33,19 +33,17 @@ inline void Proxy::configure_admin_server() {
   using detail::json_error;
   using detail::json_reply;
   using nlohmann::ordered_json;
-  admin_.new_task_queue = [] { return new httplib::ThreadPool(4); };
-  admin_.set_payload_max_length(config_.limits.max_admin_body_bytes);
-  admin_.set_read_timeout(10, 0);
-  admin_.set_write_timeout(10, 0);
+  admin_->set_keep_alive_max_count(100000);
+  admin_->set_keep_alive_timeout(10);
 
-  admin_.Get("/healthz", [this](const httplib::Request&, httplib::Response& res) {
+  admin_->Get("/healthz", [this](const httplib::Request&, httplib::Response& res) {
     if (draining_)
       text(res, 503, "draining");
     else
       text(res, 200, "ok");
   });
 
-  admin_.Get("/upstreams", [this](const httplib::Request&, httplib::Response& res) {
+  admin_->Get("/upstreams", [this](const httplib::Request&, httplib::Response& res) {
     ordered_json list = ordered_json::array();
     for (const auto& [name, pu] : upstreams_) {
       ordered_json st = pu->up->status();
@@ -62,13 +60,17 @@ inline void Proxy::configure_admin_server() {
     json_reply(res, 200, ordered_json{{"upstreams", std::move(list)}});
   });
 
-  admin_.Get(R"(/upstreams/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
+  admin_->Get(R"(/upstreams/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
     auto it = upstreams_.find(req.matches[1].str());
     if (it == upstreams_.end()) return json_error(res, 404, "no upstream named \"" + req.matches[1].str() + "\"");
     json_reply(res, 200, it->second->up->status());
   });
 
-  admin_.Put(R"(/upstreams/([^/]+)/peers)", [this](const httplib::Request& req, httplib::Response& res) {
+  // A content-reader handler: cpp-httplib leaves the body to FramedServer, which took it
+  // whole within limits.max_admin_body_bytes whatever its Content-Type (curl -d sends a
+  // form type, whose body cpp-httplib would refuse past 8 KiB).
+  admin_->Put(R"(/upstreams/([^/]+)/peers)", [this](const httplib::Request& req, httplib::Response& res,
+                                                     const httplib::ContentReader&) {
     const std::string name = req.matches[1].str();
     if (config_.admin.token.empty() && !config_.admin.writes_without_token) {
       log_("admin: refused PUT /upstreams/" + name + "/peers from " + req.remote_addr + ": writes are off");
@@ -90,7 +92,8 @@ inline void Proxy::configure_admin_server() {
     auto it = upstreams_.find(name);
     if (it == upstreams_.end()) return json_error(res, 404, "no upstream named \"" + name + "\"");
     ProxyUpstream& pu = *it->second;
-    nlohmann::json doc = nlohmann::json::parse(req.body, nullptr, false);
+    const std::string_view sent = FramedServer::request_body();
+    nlohmann::json doc = nlohmann::json::parse(sent.begin(), sent.end(), nullptr, false);
     if (doc.is_discarded()) {
       pu.counters.pushes_refused.fetch_add(1, std::memory_order_relaxed);
       return json_error(res, 400, "the body is not valid JSON (expected {\"peers\": [...]})");
@@ -122,27 +125,42 @@ inline void Proxy::configure_admin_server() {
     json_reply(res, 200, body);
   });
 
-  admin_.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+  admin_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(metrics(), "text/plain; version=0.0.4; charset=utf-8");
   });
 
-  // Known paths with a method they do not take: 405 with Allow, not 404.
+  // Known paths with a method they do not take: 405 with Allow, not 404. Content-reader
+  // handlers, as the PUT: cpp-httplib never reads (nor refuses) a body here.
   auto wrong_method = [](const char* allow) {
-    return [allow](const httplib::Request& req, httplib::Response& res) {
+    return [allow](const httplib::Request& req, httplib::Response& res, const httplib::ContentReader&) {
       res.set_header("Allow", allow);
       detail::json_error(res, 405, req.method + " is not allowed here (allowed: " + allow + ")");
     };
   };
-  admin_.Post(R"(/upstreams/[^/]+/peers)", wrong_method("PUT"));
-  admin_.Patch(R"(/upstreams/[^/]+/peers)", wrong_method("PUT"));
-  admin_.Delete(R"(/upstreams/[^/]+/peers)", wrong_method("PUT"));
-  admin_.Get(R"(/upstreams/[^/]+/peers)", wrong_method("PUT"));
+  auto wrong_get = [wrong_method](const char* allow) {
+    return [w = wrong_method(allow)](const httplib::Request& req, httplib::Response& res) {
+      w(req, res, httplib::ContentReader(nullptr, nullptr));
+    };
+  };
+  admin_->Post(R"(/upstreams/[^/]+/peers)", wrong_method("PUT"));
+  admin_->Patch(R"(/upstreams/[^/]+/peers)", wrong_method("PUT"));
+  admin_->Delete(R"(/upstreams/[^/]+/peers)", wrong_method("PUT"));
+  admin_->Get(R"(/upstreams/[^/]+/peers)", wrong_get("PUT"));
   for (const char* path : {"/upstreams", R"(/upstreams/[^/]+)", "/metrics", "/healthz"}) {
-    admin_.Put(path, wrong_method("GET"));
-    admin_.Post(path, wrong_method("GET"));
-    admin_.Delete(path, wrong_method("GET"));
+    admin_->Put(path, wrong_method("GET"));
+    admin_->Post(path, wrong_method("GET"));
+    admin_->Delete(path, wrong_method("GET"));
   }
-  admin_.set_error_handler([](const httplib::Request&, httplib::Response& res) {
+  // Any other path with a body-carrying method: 404 without reading the body either.
+  auto not_found = [](const httplib::Request&, httplib::Response& res, const httplib::ContentReader&) {
+    res.status = 404;
+  };
+  const char* any = R"([\s\S]*)";
+  admin_->Post(any, not_found);
+  admin_->Put(any, not_found);
+  admin_->Patch(any, not_found);
+  admin_->Delete(any, not_found);
+  admin_->set_error_handler([](const httplib::Request&, httplib::Response& res) {
     if (!res.body.empty()) return;
     if (res.status == 404)
       detail::json_error(res, 404, "not found (GET /upstreams, GET /upstreams/<name>, PUT /upstreams/<name>/peers, "
@@ -150,6 +168,11 @@ inline void Proxy::configure_admin_server() {
     else
       detail::json_error(res, res.status, "status " + std::to_string(res.status));
   });
+}
+
+inline std::string Proxy::admin_error_body(const std::string& why) {
+  return nlohmann::ordered_json{{"error", why}}.dump(2, ' ', false, nlohmann::ordered_json::error_handler_t::replace) +
+         "\n";
 }
 
 inline std::string Proxy::metrics() const {
@@ -187,6 +210,10 @@ inline std::string Proxy::metrics() const {
   sample("dynup_proxy_requests_in_flight", "", static_cast<double>(in_flight_.load()));
   family("dynup_proxy_no_route_total", "counter", "Requests no route matched (404).");
   sample("dynup_proxy_no_route_total", "", load(no_route_));
+  family("dynup_proxy_refused_requests_total", "counter",
+         "Client requests refused before routing: malformed or ambiguous framing (400, 501, 505), too large (413, "
+         "431), too slow (408), too many connections (503).");
+  sample("dynup_proxy_refused_requests_total", "", static_cast<double>(server_->refused()));
   family("dynup_proxy_idle_connections", "gauge",
          "Idle kept-alive connections pooled for reuse, to peers of the current set only.");
   for (const auto& [name, pu] : upstreams_) {

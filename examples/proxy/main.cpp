@@ -7,6 +7,7 @@
 #include "proxy.hpp"
 
 #include <pthread.h>
+#include <sys/resource.h>
 
 #include <atomic>
 #include <chrono>
@@ -96,6 +97,18 @@ int main(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   std::signal(SIGPIPE, SIG_IGN); // a client or peer that hung up is an error value, not a signal
 
+  // Each client connection is a descriptor: take the hard limit, so max_connections idle
+  // or slow clients do not exhaust a soft limit of 1024 and stop every accept, the admin's too.
+  rlimit files{};
+  if (::getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+    files.rlim_cur = files.rlim_max;
+    ::setrlimit(RLIMIT_NOFILE, &files);
+  }
+  if (::getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur != RLIM_INFINITY &&
+      files.rlim_cur < config->limits.max_connections + 1024)
+    log_line("warning: the open-file limit (" + std::to_string(files.rlim_cur) + ") is not above limits.max_connections (" +
+             std::to_string(config->limits.max_connections) + ") + 1024 for the admin listener and the peers; raise it (ulimit -n)");
+
   const auto drain_timeout = config->limits.drain_timeout;
   const std::string listen_text = config->listen.text();
   const std::string admin_text = config->admin.enabled ? config->admin.listen.text() : "";
@@ -137,9 +150,9 @@ int main(int argc, char** argv) {
     std::_Exit(1);
   }
   if (served) server.join();
-  else server.detach(); // blocked on idle kept-alive connections; the exit closes them
+  else server.detach(); // run() may still be joining the admin listener just stopped; the exit ends it
   log_line("stopped");
   std::fflush(stdout);
   std::fflush(stderr);
-  std::_Exit(0); // no destructors: the server's threads may still be parked on idle connections
+  std::_Exit(0); // no destructors: lingering client connections and the workers end with the process
 }

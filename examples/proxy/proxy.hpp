@@ -3,12 +3,14 @@
 // report, retry with the tried peers excluded, and status, pushes and metrics over an
 // admin listener.
 //
-// Threads: cpp-httplib serves each client connection on a thread of its pool, and a
-// request is forwarded on that thread (blocking I/O). Everything shared between request
-// threads is an Upstream (lock-free picks), relaxed counters, and the per-peer pools of
-// idle upstream connections (one mutex per peer, held only to take or return one).
+// Threads: FramedServer (http_server.hpp) reads every client connection on one epoll
+// thread and serves each complete request on the connection's worker thread, where it is
+// forwarded (blocking I/O). Everything shared between request threads is an Upstream
+// (lock-free picks), relaxed counters, and the per-peer pools of idle upstream
+// connections (one mutex per peer, held only to take or return one).
 #pragma once
 
+#include "http_server.hpp"
 #include "proxy_config.hpp"
 
 #include <dynup/peer_json.hpp>
@@ -256,7 +258,7 @@ public:
   Result<void> bind() {
     configure_proxy_server();
     configure_admin_server();
-    auto bind_one = [](httplib::Server& s, const Listen& l, int& port, int& fd) -> Result<void> {
+    auto bind_one = [](FramedServer& s, const Listen& l, int& port, int& fd) -> Result<void> {
       s.set_socket_options([&fd](int sock) {
         fd = sock;
         int one = 1;
@@ -272,9 +274,9 @@ public:
       ::listen(fd, 1024); // cpp-httplib's own backlog is 5: a burst of connections would wait for SYN retries
       return {};
     };
-    if (auto ok = bind_one(server_, config_.listen, port_, listen_fd_); !ok) return ok;
+    if (auto ok = bind_one(*server_, config_.listen, port_, listen_fd_); !ok) return ok;
     if (config_.admin.enabled) {
-      if (auto ok = bind_one(admin_, config_.admin.listen, admin_port_, admin_fd_); !ok)
+      if (auto ok = bind_one(*admin_, config_.admin.listen, admin_port_, admin_fd_); !ok)
         return ok.error().with_context("admin");
     }
     return {};
@@ -284,18 +286,17 @@ public:
   /// calling thread. Returns once both have stopped and every request in flight ended.
   void run() {
     std::thread admin;
-    if (config_.admin.enabled) admin = std::thread([this] { admin_.listen_after_bind(); });
-    server_.listen_after_bind();
+    if (config_.admin.enabled) admin = std::thread([this] { admin_->listen_after_bind(); });
+    server_->listen_after_bind();
     if (admin.joinable()) admin.join();
   }
 
-  /// Starts draining: the proxy listener closes at once; requests in flight go on, and
-  /// each kept-alive connection ends after its current request. Any thread; returns at
-  /// once. Then wait for drained(), and end the process: cpp-httplib's server thread
-  /// returns only once every idle kept-alive client connection has timed out.
+  /// Starts draining: the proxy listener closes at once; requests in flight go on, each
+  /// kept-alive connection ends after its current request, and idle ones are closed.
+  /// Any thread; returns at once. Then wait for drained(), and end the process.
   void stop() {
     draining_ = true;
-    server_.stop();
+    server_->stop();
   }
 
   /// Draining and quiet: no request in flight, and none started for `quiet` (a request
@@ -313,7 +314,7 @@ public:
   }
 
   /// Closes the admin listener (after the drain: /healthz says 503 meanwhile).
-  void stop_admin() { admin_.stop(); }
+  void stop_admin() { admin_->stop(); }
 
   void stop_upstreams() {
     for (auto& [name, pu] : upstreams_) pu->up->stop();
@@ -327,7 +328,14 @@ public:
   std::string metrics() const;
 
 private:
-  Proxy(ProxyConfig config, Log log) : config_(std::move(config)), log_(std::move(log)) {
+  Proxy(ProxyConfig config, Log log)
+      : config_(std::move(config)), log_(std::move(log)),
+        server_(std::make_unique<FramedServer>(proxy_limits(config_), [](int, const std::string& why) {
+          return std::make_pair(std::string("text/plain; charset=utf-8"), "dynup-proxy: " + why + "\n");
+        })),
+        admin_(std::make_unique<FramedServer>(admin_limits(config_), [](int, const std::string& why) {
+          return std::make_pair(std::string("application/json"), admin_error_body(why));
+        })) {
     // Most specific first: a route with a host before one without, then longer prefixes.
     std::stable_sort(config_.routes.begin(), config_.routes.end(), [](const Route& a, const Route& b) {
       if (a.host.empty() != b.host.empty()) return !a.host.empty();
@@ -380,9 +388,6 @@ private:
       ~InFlight() { n.fetch_sub(1); }
     } in_flight(in_flight_);
     started_.fetch_add(1, std::memory_order_relaxed);
-    // Draining: this connection closes after this reply, so the client reconnects
-    // elsewhere rather than reusing a connection that is about to go.
-    if (draining_) res.set_header("Connection", "close");
     const auto started = std::chrono::steady_clock::now();
     const Route* r = route(req);
     if (r == nullptr) {
@@ -406,7 +411,7 @@ private:
     out.headers.erase("X-Forwarded-For");
     out.headers.emplace("X-Forwarded-For", xff.empty() ? req.remote_addr : xff + ", " + req.remote_addr);
     if (!req.has_header("X-Forwarded-Proto")) out.headers.emplace("X-Forwarded-Proto", "http");
-    out.body = req.body;
+    out.body = std::string(FramedServer::request_body()); // framed by FramedServer, whatever the method
     // A reply larger than the limit is not relayed: the receiver stops reading it.
     std::size_t received = 0;
     bool too_large = false;
@@ -550,32 +555,56 @@ private:
     return out;
   }
 
+  static ServerLimits proxy_limits(const ProxyConfig& c) {
+    ServerLimits l;
+    l.header_timeout = c.limits.header_timeout;
+    l.body_timeout = c.limits.body_timeout;
+    l.idle_timeout = c.limits.keepalive_timeout;
+    l.max_body_bytes = c.limits.max_request_body_bytes;
+    l.max_connections = c.limits.max_connections;
+    l.workers = c.threads;
+    return l;
+  }
+
+  // The admin listener: few workers, its own connections; a flood of slow clients on the
+  // proxy's listener does not reach it.
+  static ServerLimits admin_limits(const ProxyConfig& c) {
+    ServerLimits l;
+    l.header_timeout = c.limits.header_timeout;
+    l.body_timeout = c.limits.body_timeout;
+    l.idle_timeout = std::chrono::seconds(10);
+    l.max_body_bytes = c.limits.max_admin_body_bytes;
+    l.body_limit_name = "limits.max_admin_body_bytes";
+    l.max_connections = 256;
+    l.workers = 4;
+    return l;
+  }
+
+  static std::string admin_error_body(const std::string& why);
+
   void configure_proxy_server() {
-    const unsigned threads = config_.threads;
-    server_.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
-    server_.set_payload_max_length(config_.limits.max_request_body_bytes);
-    server_.set_tcp_nodelay(true);
-    server_.set_keep_alive_max_count(100000);
-    server_.set_keep_alive_timeout(60);
-    server_.set_read_timeout(60, 0);
-    server_.set_write_timeout(60, 0);
+    server_->set_tcp_nodelay(true);
+    server_->set_keep_alive_max_count(100000);
+    server_->set_keep_alive_timeout(
+        std::chrono::duration_cast<std::chrono::seconds>(config_.limits.keepalive_timeout).count());
     auto handler = [this](const httplib::Request& req, httplib::Response& res) { forward(req, res); };
+    // With a body: a handler that takes a content reader, so cpp-httplib leaves the body
+    // alone (its form limit would refuse a urlencoded body over 8 KiB, and it would parse a
+    // multipart one into parts); forward() takes it from FramedServer as it came.
+    auto with_body = [this](const httplib::Request& req, httplib::Response& res, const httplib::ContentReader&) {
+      forward(req, res);
+    };
     // Every path: cpp-httplib matches the percent-decoded path, and "." stops at a
     // decoded newline (%0A), which would turn such a request into cpp-httplib's 404.
     const char* any = R"([\s\S]*)";
-    server_.Get(any, handler); // GET and HEAD
-    server_.Post(any, handler);
-    server_.Put(any, handler);
-    server_.Patch(any, handler);
-    server_.Delete(any, handler);
-    server_.Options(any, handler);
-    const std::size_t limit = config_.limits.max_request_body_bytes;
-    server_.set_error_handler([limit](const httplib::Request&, httplib::Response& res) {
-      if (res.status == 413)
-        text(res, 413, "dynup-proxy: request body larger than " + std::to_string(limit) +
-                           " bytes (limits.max_request_body_bytes); bodies are buffered, not streamed");
-      else if (res.body.empty())
-        text(res, res.status, "dynup-proxy: status " + std::to_string(res.status));
+    server_->Get(any, handler); // GET and HEAD
+    server_->Post(any, with_body);
+    server_->Put(any, with_body);
+    server_->Patch(any, with_body);
+    server_->Delete(any, with_body);
+    server_->Options(any, handler);
+    server_->set_error_handler([](const httplib::Request&, httplib::Response& res) {
+      if (res.body.empty()) text(res, res.status, "dynup-proxy: status " + std::to_string(res.status));
     });
   }
 
@@ -584,8 +613,8 @@ private:
   ProxyConfig config_;
   Log log_;
   std::map<std::string, std::unique_ptr<ProxyUpstream>> upstreams_;
-  httplib::Server server_;
-  httplib::Server admin_;
+  std::unique_ptr<FramedServer> server_;
+  std::unique_ptr<FramedServer> admin_;
   int port_ = -1, admin_port_ = -1, listen_fd_ = -1, admin_fd_ = -1;
   std::atomic<std::uint64_t> in_flight_{0};
   std::atomic<std::uint64_t> started_{0};

@@ -48,6 +48,10 @@ struct Limits {
   std::size_t max_push_peers = 10000;             ///< peers one PUT may carry
   std::size_t max_admin_body_bytes = 4 << 20;
   std::chrono::milliseconds drain_timeout{30000}; ///< SIGTERM: the longest wait for requests in flight
+  std::chrono::milliseconds header_timeout{10000};    ///< a client's request head, in total (408 and close)
+  std::chrono::milliseconds body_timeout{30000};      ///< a client's request body, in total (408 and close)
+  std::chrono::milliseconds keepalive_timeout{60000}; ///< an idle kept-alive client connection
+  std::size_t max_connections = 4096;                 ///< client connections on the proxy listener
 };
 
 struct AdminConfig {
@@ -62,7 +66,7 @@ struct AdminConfig {
 
 struct ProxyConfig {
   Listen listen{"127.0.0.1", 8080};
-  unsigned threads = 64; ///< one per client connection being served (cpp-httplib's model)
+  unsigned threads = 64; ///< requests forwarded at once; idle and slow connections hold none
   bool access_log = false;
   AdminConfig admin;
   Limits limits;
@@ -181,7 +185,8 @@ inline Result<ProxyConfig> parse_proxy_config(const nlohmann::json& doc) {
   if (const nlohmann::json* lim = top.get("limits")) {
     ConfigReader r(*lim, top.at("limits"), error,
                    {"max_request_body_bytes", "max_response_body_bytes", "connect_timeout_ms", "read_timeout_ms",
-                    "retries", "pool_size", "max_push_peers", "max_admin_body_bytes", "drain_timeout_ms"});
+                    "retries", "pool_size", "max_push_peers", "max_admin_body_bytes", "drain_timeout_ms",
+                    "header_timeout_ms", "body_timeout_ms", "keepalive_timeout_ms", "max_connections"});
     auto size = [&](const char* key, std::uint64_t lo, std::uint64_t hi, std::size_t& out) {
       std::uint64_t v = out;
       r.integer(key, lo, hi, v);
@@ -198,6 +203,10 @@ inline Result<ProxyConfig> parse_proxy_config(const nlohmann::json& doc) {
     size("max_push_peers", 1, 1000000, c.limits.max_push_peers);
     size("max_admin_body_bytes", 1024, std::uint64_t{1} << 30, c.limits.max_admin_body_bytes);
     r.millis("drain_timeout_ms", 0, 3600000, c.limits.drain_timeout);
+    r.millis("header_timeout_ms", 100, 600000, c.limits.header_timeout);
+    r.millis("body_timeout_ms", 100, 3600000, c.limits.body_timeout);
+    r.millis("keepalive_timeout_ms", 1000, 3600000, c.limits.keepalive_timeout);
+    size("max_connections", 16, 1000000, c.limits.max_connections);
     if (error) return *error;
   }
 
