@@ -338,6 +338,12 @@ TEST_CASE("nginx module: a registry down at start serves the snapshot's peers, m
     }
   }
   CHECK(leaders == 1);
+  // nginx's own log says it too, with the cause, from the leading worker.
+  CHECK_MESSAGE(dynup_test::wait_until([&] {
+                  return dynup_test::contains(ngx.error_log(), "[error]") &&
+                         dynup_test::contains(ngx.error_log(), "dynup: upstream \"api\": etcd://127.0.0.1:");
+                }),
+                ngx.error_log());
   CHECK_MESSAGE(log_is_clean(ngx.error_log()), ngx.error_log());
 }
 
