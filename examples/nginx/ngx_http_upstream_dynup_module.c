@@ -532,7 +532,8 @@ ngx_http_upstream_dynup_sets(ngx_array_t *params, const char *path)
 
 /* What an nginx user expects where dynup's library defaults differ (README, "nginx
  * behaviour"): no panic routing, so every peer down is a 502 with "no live upstreams";
- * round_robin runs nginx's own sequence, retries and failures included. */
+ * round_robin runs nginx's own sequence, retries and failures included; and a worker
+ * never waits on the registry to start. */
 static ngx_int_t
 ngx_http_upstream_dynup_nginx_defaults(ngx_conf_t *cf, ngx_array_t *params)
 {
@@ -543,6 +544,17 @@ ngx_http_upstream_dynup_nginx_defaults(ngx_conf_t *cf, ngx_array_t *params)
     if (!ngx_http_upstream_dynup_sets(params, "health.panic.threshold_percent")) {
         ngx_str_set(&v, "0");
         if (ngx_http_upstream_dynup_add_param(cf, params, "health.panic.threshold_percent", &v) != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    /* A worker's start must not wait on the network: it serves the snapshot (or
+     * nothing) at once and fetches on dynup's thread. */
+    if (!ngx_http_upstream_dynup_sets(params, "watch.initial")
+        && !ngx_http_upstream_dynup_sets(params, "watch.strong_dependency"))
+    {
+        ngx_str_set(&v, "\"background\"");
+        if (ngx_http_upstream_dynup_add_param(cf, params, "watch.initial", &v) != NGX_OK) {
             return NGX_ERROR;
         }
     }

@@ -14,6 +14,9 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -23,6 +26,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <set>
 #include <sstream>
@@ -345,6 +349,65 @@ TEST_CASE("nginx module: a registry down at start serves the snapshot's peers, m
                 }),
                 ngx.error_log());
   CHECK_MESSAGE(log_is_clean(ngx.error_log()), ngx.error_log());
+}
+
+// A registry that accepts connections and never answers: a listening socket nobody
+// accepts from (the kernel completes the handshakes into its backlog).
+class HungRegistry {
+public:
+  HungRegistry() {
+    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(fd_ >= 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    REQUIRE(::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+    REQUIRE(::listen(fd_, 64) == 0);
+    REQUIRE(::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len) == 0);
+    port_ = ntohs(a.sin_port);
+  }
+  ~HungRegistry() { ::close(fd_); }
+  std::uint16_t port() const noexcept { return port_; }
+
+private:
+  int fd_ = -1;
+  std::uint16_t port_ = 0;
+};
+
+// Whether `pid` has exited (gone, or a zombie its parent has not reaped yet).
+bool exited(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(stat, line)) return true;
+  auto close = line.rfind(')');
+  return close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'Z';
+}
+
+TEST_CASE("nginx module: a registry that never answers holds up neither the workers' start nor a graceful stop") {
+  require_module_nginx();
+  HungRegistry registry;
+  ModuleNginxOptions o = with_backends(3, {2});
+  o.source = [&](const WorkerNginx&) {
+    return "consul://127.0.0.1:" + std::to_string(registry.port()) + "/health/api";
+  };
+  o.snapshot = std::vector<std::size_t>{0, 1};
+  ModuleNginx ngx(o); // ready: both listeners answer, so no worker is blocked in init_process
+
+  NginxTraffic t = ngx.send(20);
+  CHECK_MESSAGE(t.failures.empty(), join(t.failures) << "\nerror log:\n" << ngx.error_log());
+  CHECK(t.by_backend["0"] + t.by_backend["1"] == 20); // the snapshot's peers, at once
+  for (const auto& [pid, st] : ngx.upstream_status_by_worker()) {
+    INFO("worker " << pid << ": " << st.dump());
+    CHECK(st.at("stale") == true);
+    CHECK(st.at("ready") == true);
+  }
+
+  const pid_t master = ngx.master_pid();
+  REQUIRE(master > 0);
+  ::kill(master, SIGQUIT); // nginx -s quit
+  CHECK_MESSAGE(dynup_test::wait_until([&] { return exited(master); }, 10000ms),
+                "nginx did not stop on QUIT while its registry hangs\n" << ngx.error_log());
 }
 
 TEST_CASE("nginx module: with keepalive, sequential requests reuse a few backend connections; without, none") {

@@ -193,7 +193,8 @@ end
 
 -- A config table with nginx's behaviour where the library's defaults differ and the
 -- table says nothing (examples/nginx/README.md, "nginx behaviour"): no panic routing,
--- and round_robin in nginx's own sequence. A copy: the caller's table is left as it is.
+-- round_robin in nginx's own sequence, and a start that does not wait on the registry
+-- (watch.initial = "background"). A copy: the caller's table is left as it is.
 local function with_nginx_defaults(cfg)
   local copy = {}
   for k, v in pairs(cfg) do copy[k] = v end
@@ -207,6 +208,15 @@ local function with_nginx_defaults(cfg)
     panic.threshold_percent = 0
     h.panic = panic
     copy.health = h
+  end
+  -- init_worker_by_lua must not wait on the registry: serve the snapshot (or nothing)
+  -- at once and fetch on dynup's thread.
+  local watch = type(copy.watch) == "table" and copy.watch or nil
+  if copy.watch == nil or (watch and watch.initial == nil and watch.strong_dependency == nil) then
+    local w = {}
+    for k, v in pairs(watch or {}) do w[k] = v end
+    w.initial = "background"
+    copy.watch = w
   end
   local policy = copy.policy
   if policy == nil or policy == "round_robin" then
@@ -255,7 +265,9 @@ end
 
 --- Starts an upstream: `cfg` is a table or a JSON string (docs/UPSTREAM.md), `opts.lib`
 --- the path of libdynup_c.so. Returns the upstream, or nil and the reason (a config
---- error names its JSON path). Blocks until the first peer set is read. In nginx, call
+--- error names its JSON path). A table config does not wait on the registry (see
+--- with_nginx_defaults); a JSON string with watch.initial "wait" blocks until the first
+--- fetch ends. In nginx, call
 --- it in init_worker_by_lua: each worker needs its own handle. The upstream is also
 --- registered under its name for get().
 function _M.new(cfg, opts)
