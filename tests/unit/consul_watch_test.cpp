@@ -121,6 +121,13 @@ std::unique_ptr<Watcher> start(const ConsulDouble& d, Publisher& pub, const std:
   return std::move(w).value();
 }
 
+// Runs a watcher of /health/api once, so that o.snapshot_path holds the set it published.
+void save_through_watcher(const ConsulDouble& d, const WatchOptions& o) {
+  Publisher pub;
+  auto w = start(d, pub, "/health/api", o);
+  REQUIRE(dynup_test::exists(o.snapshot_path));
+}
+
 // The fault is injected while the set is A; the registry moves to B while it lasts. A
 // must stay (and be reported stale) until the fault clears; then B arrives on its own.
 void check_fault_keeps_set_and_recovers(ConsulFault fault, const std::string& expected_error,
@@ -709,11 +716,7 @@ TEST_CASE("consul watch: with the agent down at start the last-known-good snapsh
   d.set_service("api", consul_instances({8080, 8081}));
   WatchOptions o = fast();
   o.snapshot_path = dir.file("api.snapshot");
-  {
-    Publisher pub;
-    auto w = start(d, pub, "/health/api", o);
-    REQUIRE(dynup_test::exists(o.snapshot_path)); // every published set is saved
-  }
+  save_through_watcher(d, o); // every published set is saved
 
   d.down();
   d.set_service("api", consul_instances({9090}));
@@ -924,11 +927,7 @@ TEST_CASE("consul watch: a refused snapshot with the agent down serves nothing a
   d.set_service("api", consul_instances({8080}));
   WatchOptions o = fast();
   o.snapshot_path = dir.file("api.snapshot");
-  {
-    Publisher pub;
-    auto w = start(d, pub, "/health/api", o);
-    REQUIRE(dynup_test::exists(o.snapshot_path));
-  }
+  save_through_watcher(d, o);
   REQUIRE(::truncate(o.snapshot_path.c_str(), 40) == 0);
 
   d.down();
