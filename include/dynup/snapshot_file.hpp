@@ -74,49 +74,18 @@ inline std::string encode_snapshot(const PeerSet& set, std::chrono::system_clock
   return header + payload;
 }
 
-/// Writes `set` to `path` atomically: a temporary file in the same directory (mode
-/// 0600), fsync, rename over `path`, fsync of the directory. Readers of `path` see the
+/// Writes `set` to `path` atomically (detail::write_file_atomic, durable): a temporary
+/// file in the same directory, mode 0600 whatever the umask, created without following
+/// links; fsync, rename over `path`, fsync of the directory. Readers of `path` see the
 /// old file or the new one, never a mix; concurrent saves are safe (the last rename
-/// wins). On an error before the rename nothing at `path` changes and the temporary
-/// file is removed; if only the final directory fsync fails, the new file is in place
-/// but may not survive a power loss, and the error says so.
+/// wins). Refused with a clear error: a directory others can write without the sticky
+/// bit or owned by another user, a symbolic link at `path` or at the temporary name. On
+/// an error before the rename nothing at `path` changes and the temporary file is
+/// removed; if only the final directory fsync fails, the new file is in place but may
+/// not survive a power loss, and the error says so.
 inline Result<void> save_snapshot(const std::string& path, const PeerSet& set,
                                   std::chrono::system_clock::time_point now = std::chrono::system_clock::now()) {
-  std::string data = encode_snapshot(set, now);
-
-  static std::atomic<unsigned> counter{0};
-  std::string dir = detail::directory_of(path);
-  std::string base = path.substr(path.rfind('/') == std::string::npos ? 0 : path.rfind('/') + 1);
-  std::string tmp = dir + "/." + base + ".tmp." + std::to_string(::getpid()) + "." +
-                    std::to_string(counter.fetch_add(1, std::memory_order_relaxed));
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (fd < 0) return detail::errno_error("cannot create", tmp, errno);
-  auto fail = [&](const char* what) {
-    int err = errno;
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    return detail::errno_error(what, tmp, err);
-  };
-  if (::fchmod(fd, 0600) != 0) return fail("cannot chmod");
-  if (!detail::write_all(fd, data)) return fail("cannot write");
-  if (::fsync(fd) != 0) return fail("cannot fsync");
-  if (::close(fd) != 0) {
-    int err = errno;
-    ::unlink(tmp.c_str());
-    return detail::errno_error("cannot close", tmp, err);
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    int err = errno;
-    ::unlink(tmp.c_str());
-    return detail::errno_error("cannot rename onto", path, err);
-  }
-  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd < 0) return detail::errno_error("cannot open directory", dir, errno);
-  int rc = ::fsync(dfd);
-  int err = errno;
-  ::close(dfd);
-  if (rc != 0) return detail::errno_error("saved, but cannot fsync directory", dir, err);
-  return {};
+  return detail::write_file_atomic(path, encode_snapshot(set, now), true);
 }
 
 /// Decodes snapshot file contents. Rejects (never partially returns) a file that is

@@ -1,14 +1,7 @@
 // UpstreamConfig: one upstream as JSON — its source, policy, guards, watcher tuning,
 // snapshot and health. parse_upstream_config reads and checks it; every error names the
-// JSON path and what is wrong. docs/UPSTREAM.md documents the schema.
-//
-//   {"name": "api",
-//    "source": "consul://127.0.0.1:8500/health/api?tag=v2",
-//    "policy": {"name": "least_request", "options": {"choices": 2}},
-//    "guards": {"min_peers": 2, "max_removed_share": 0.5},
-//    "snapshot_path": "/var/lib/dynup/api.snap",
-//    "watch": {"wait_ms": 300000, "strong_dependency": false},
-//    "health": {"passive": {"max_fails": 3, "fail_timeout_ms": 10000}}}
+// JSON path and what is wrong. docs/UPSTREAM.md documents the schema; an example that
+// parses is upstream_config_example below (a unit test parses it).
 #pragma once
 
 #include <dynup/balance/policy.hpp>
@@ -27,8 +20,20 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 
 DYNUP_NAMESPACE_BEGIN
+
+/// A complete upstream config, as parse_upstream_config accepts it.
+inline constexpr const char* upstream_config_example = R"({
+  "name": "api",
+  "source": "consul://127.0.0.1:8500/health/api?tag=v2",
+  "policy": {"name": "least_request", "options": {"choice_count": 2}},
+  "guards": {"min_peers": 2, "max_removed_share": 0.5},
+  "snapshot_path": "/var/lib/dynup/api.snap",
+  "watch": {"wait_ms": 300000, "strong_dependency": false, "initial": "wait"},
+  "health": {"passive": {"max_fails": 3, "fail_timeout_ms": 10000}}
+})";
 
 /// One upstream, checked. A plain value.
 /// Cross-process sharing (the "shared" section): the processes of one host that run the
@@ -204,7 +209,14 @@ inline Result<UpstreamConfig> parse_upstream_config(const nlohmann::json& doc) {
   if (const nlohmann::json* w = top.get("watch")) {
     detail::ConfigReader watch(*w, top.at("watch"), error,
                                {"wait_ms", "backoff_base_ms", "backoff_cap_ms", "min_interval_ms", "burst",
-                                "strong_dependency", "poll_ms"});
+                                "strong_dependency", "poll_ms", "initial"});
+    // A key written in the file is "set" whatever its value (AnyWatchOptions::explicitly_set).
+    static constexpr std::pair<const char*, const char*> named[] = {
+        {"wait_ms", "wait"},         {"backoff_base_ms", "backoff_base"}, {"backoff_cap_ms", "backoff_cap"},
+        {"min_interval_ms", "min_interval"}, {"burst", "burst"},       {"strong_dependency", "strong_dependency"},
+        {"poll_ms", "poll_interval"}};
+    for (const auto& [key, member] : named)
+      if (watch.get(key)) c.watch.explicitly_set.emplace_back(member);
     watch.millis("wait_ms", 10, 600000, c.watch.wait);
     watch.millis("backoff_base_ms", 1, 3600000, c.watch.backoff_base);
     watch.millis("backoff_cap_ms", 1, 3600000, c.watch.backoff_cap);
@@ -214,6 +226,11 @@ inline Result<UpstreamConfig> parse_upstream_config(const nlohmann::json& doc) {
     c.watch.burst = static_cast<unsigned>(burst);
     watch.flag("strong_dependency", c.watch.strong_dependency);
     watch.millis("poll_ms", 10, 3600000, c.watch.poll_interval);
+    std::string initial = initial_fetch_name(c.watch.initial);
+    watch.text("initial", initial);
+    if (!error && initial != "wait" && initial != "background")
+      watch.fail(watch.at("initial"), "expected \"wait\" or \"background\", got \"" + initial + "\"");
+    c.watch.initial = initial == "background" ? InitialFetch::background : InitialFetch::wait;
     if (!error && c.watch.backoff_cap < c.watch.backoff_base)
       watch.fail(watch.at("backoff_cap_ms"), "is below backoff_base_ms");
     if (error) return *error;

@@ -121,8 +121,12 @@ enum class ConsulFault {
   /// No X-Consul-Index at all (an endpoint or proxy that strips it); treated like 0.
   missing_index_header,
   /// The request is held for `param`, then the connection is dropped with no response
-  /// (a load balancer whose idle timeout is shorter than the blocking wait).
+  /// (a load balancer whose idle timeout is shorter than the blocking wait). A long
+  /// `param` is a hung agent; release_holds() ends the holds early.
   hold_then_drop,
+  /// The normal body, one byte every `param` (an agent or proxy so congested that every
+  /// recv gets a byte in time: only a deadline for the whole response ends it).
+  trickle_body,
 };
 
 /// What to add to each blocking hold on top of `wait` (Consul: uniform in [0, wait/16]).
@@ -247,6 +251,13 @@ public:
   void clear_faults() {
     std::lock_guard<std::mutex> lock(mu_);
     fault_.reset();
+  }
+
+  /// Ends every hold_then_drop hold now (their connections are dropped).
+  void release_holds() {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++releases_;
+    cv_.notify_all();
   }
 
   /// Stops listening: connections are refused and open ones dropped, as when the agent
@@ -519,7 +530,8 @@ private:
 
     if (fault && fault->kind == ConsulFault::hold_then_drop) {
       ++held_;
-      cv_.wait_for(lock, fault->param, [&] { return closing_; });
+      const std::uint64_t releases = releases_;
+      cv_.wait_for(lock, fault->param, [&] { return closing_ || releases_ != releases; });
       --held_;
       int peer = req.remote_port;
       lock.unlock();
@@ -579,6 +591,18 @@ private:
                                  std::unique_lock<std::mutex> l(mu_);
                                  cv_.wait_for(l, param, [&] { return closing_; });
                                  return !closing_;
+                               });
+      return;
+    }
+    if (fault && fault->kind == ConsulFault::trickle_body) {
+      auto body = std::make_shared<std::string>(std::move(a.body));
+      res.set_content_provider(body->size(), "application/json",
+                               [this, body, param](std::size_t offset, std::size_t, httplib::DataSink& sink) {
+                                 {
+                                   std::unique_lock<std::mutex> l(mu_);
+                                   if (cv_.wait_for(l, param, [&] { return closing_; })) return false;
+                                 }
+                                 return sink.write(body->data() + offset, 1);
                                });
       return;
     }
@@ -861,6 +885,7 @@ private:
   std::vector<RecordedRequest> log_;
   std::size_t held_ = 0;
   std::size_t faulted_ = 0;
+  std::uint64_t releases_ = 0;
 };
 
 /// One instance on `port` of `node`, with its own Service.Address (10.1.0.x).

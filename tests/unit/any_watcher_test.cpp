@@ -396,3 +396,29 @@ TEST_CASE("any watcher: a concrete watcher built by hand can be adopted") {
   CHECK(empty.status().source.empty());
   empty.stop();
 }
+
+TEST_CASE("any watcher: initial background starts a consul:// watcher without waiting on a hung agent") {
+  ConsulDouble d;
+  d.set_service("api", consul_instances({8080}));
+  d.inject(dynup_test::ConsulFault::hold_then_drop, ConsulDouble::forever, std::chrono::minutes(10));
+  Publisher pub;
+  AnyWatchOptions o = fast_registry();
+  o.initial = dynup::InitialFetch::background;
+  Watcher w = start_ok(pub, d.spec("/health/api"), o);
+  CHECK(pub.version() == 0);
+  CHECK_FALSE(w.status().ready);
+  // The first request is held by the agent after start() returned.
+  REQUIRE(wait_until([&] { return d.held() == 1; }));
+  REQUIRE(stops_within(w, 5000ms)); // stop() ends the hung fetch
+
+  // file:// reads its file at start whatever `initial` says.
+  TempDir dir;
+  std::string path = dir.file("peers.json");
+  write_by_rename(path, peers_doc(8001));
+  Publisher file_pub;
+  AnyWatchOptions fo;
+  fo.initial = dynup::InitialFetch::background;
+  Watcher f = start_ok(file_pub, "file://" + path, fo);
+  CHECK(ports_of(file_pub) == Ports{8001});
+  CHECK(f.status().ready);
+}

@@ -6,6 +6,7 @@
 #include <dynup/watch/watcher.hpp>
 
 #include <support/consul_double.hpp>
+#include <support/peers.hpp>
 #include <support/temp_dir.hpp>
 #include <support/watching.hpp>
 #include <support/wait.hpp>
@@ -13,6 +14,8 @@
 #include <doctest/doctest.h>
 
 #include <httplib.h>
+
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -116,6 +119,13 @@ std::unique_ptr<Watcher> start(const ConsulDouble& d, Publisher& pub, const std:
   auto w = try_start(d, pub, path, std::move(o), rec, std::move(seen));
   REQUIRE_MESSAGE(w, (w ? std::string() : w.error().message()));
   return std::move(w).value();
+}
+
+// Runs a watcher of /health/api once, so that o.snapshot_path holds the set it published.
+void save_through_watcher(const ConsulDouble& d, const WatchOptions& o) {
+  Publisher pub;
+  auto w = start(d, pub, "/health/api", o);
+  REQUIRE(dynup_test::exists(o.snapshot_path));
 }
 
 // The fault is injected while the set is A; the registry moves to B while it lasts. A
@@ -706,11 +716,7 @@ TEST_CASE("consul watch: with the agent down at start the last-known-good snapsh
   d.set_service("api", consul_instances({8080, 8081}));
   WatchOptions o = fast();
   o.snapshot_path = dir.file("api.snapshot");
-  {
-    Publisher pub;
-    auto w = start(d, pub, "/health/api", o);
-    REQUIRE(dynup_test::exists(o.snapshot_path)); // every published set is saved
-  }
+  save_through_watcher(d, o); // every published set is saved
 
   d.down();
   d.set_service("api", consul_instances({9090}));
@@ -858,4 +864,171 @@ TEST_CASE("consul watch: status reports index, success time, errors, backoff, st
   CHECK(j["consecutive_failures"].get<std::uint64_t>() >= 2);
   CHECK(j["stale"] == true);
   CHECK(j["publish_count"] == 2);
+}
+
+// --- deadlines, honest status, background start (issue 18) ---------------------------
+
+TEST_CASE("consul watch: a reply trickled a byte at a time is abandoned at its deadline, reported and retried") {
+  ConsulDouble d;
+  d.set_service("api", consul_instances({8080}));
+  Publisher pub;
+  Recorder rec;
+  // Deadline of a blocking request: 500 ms + 500/16 ms + read_margin (5 s).
+  auto w = start(d, pub, "/health/api", fast(500ms), &rec);
+  REQUIRE(ports_of(pub) == Ports{8080});
+
+  // Each byte arrives well within any per-recv timeout; only the total deadline ends it.
+  d.inject(ConsulFault::trickle_body, ConsulDouble::forever, 500ms);
+  REQUIRE(wait_until([&] { return d.faulted() >= 1; })); // the request in flight was not faulted
+  d.set_service("api", consul_instances({9090}));
+  REQUIRE(wait_until([&] { return w->status().consecutive_failures >= 1; }, 20s));
+  WatcherStatus st = w->status();
+  CHECK_MESSAGE(contains(st.last_error, "no complete response within"), st.last_error);
+  CHECK(st.stale);
+  CHECK(st.ready);
+  CHECK(ports_of(pub) == Ports{8080});
+
+  d.clear_faults();
+  REQUIRE(wait_until([&] { return ports_of(pub) == Ports{9090}; }, 20s));
+  REQUIRE(wait_until([&] { return w->status().consecutive_failures == 0; }));
+  CHECK_FALSE(w->status().stale);
+
+  // stop() is prompt in the middle of a trickled reply.
+  std::size_t before = d.faulted();
+  d.inject(ConsulFault::trickle_body, ConsulDouble::forever, 500ms);
+  d.set_service("api", consul_instances({7070}));
+  REQUIRE(wait_until([&] { return d.faulted() > before; }));
+  auto t0 = std::chrono::steady_clock::now();
+  w->stop();
+  CHECK(std::chrono::steady_clock::now() - t0 < 2s);
+}
+
+TEST_CASE("consul watch: after X-Consul-Index 0 a change answered at index 1 is published") {
+  ConsulDouble d;
+  d.restore_snapshot(0);                  // a fresh cluster: the next write is index 1
+  d.inject(ConsulFault::index_zero, 1);   // the first answer says 0
+  WatchOptions o = fast(200ms);
+  o.guards.allow_empty = true;
+  Publisher pub;
+  auto w = start(d, pub, "/health/api", o);
+  REQUIRE(pub.version() == 1); // the empty service
+  REQUIRE(wait_until([&] { return d.held() == 1; }));
+  CHECK(d.last_request().index() == 1u);
+
+  d.set_service("api", consul_instances({8080})); // index 1: not past the request's
+  REQUIRE(d.index() == 1u);
+  CHECK(wait_until([&] { return ports_of(pub) == Ports{8080}; }));
+  CHECK(w->status().last_index == 1u);
+}
+
+TEST_CASE("consul watch: a refused snapshot with the agent down serves nothing and status says why") {
+  TempDir dir;
+  ConsulDouble d;
+  d.set_service("api", consul_instances({8080}));
+  WatchOptions o = fast();
+  o.snapshot_path = dir.file("api.snapshot");
+  save_through_watcher(d, o);
+  REQUIRE(::truncate(o.snapshot_path.c_str(), 40) == 0);
+
+  d.down();
+  Publisher pub;
+  Recorder rec;
+  auto w = start(d, pub, "/health/api", o, &rec);
+  CHECK(pub.version() == 0);
+  WatcherStatus st = w->status();
+  CHECK(st.stale);
+  CHECK_FALSE(st.ready);
+  CHECK_MESSAGE(contains(st.last_error, o.snapshot_path), st.last_error);
+  CHECK_MESSAGE(contains(st.last_error, "not served"), st.last_error);
+  CHECK_MESSAGE(contains(st.last_error, "truncated"), st.last_error);
+  auto j = st.to_json();
+  CHECK(j["stale"] == true);
+  CHECK(j["ready"] == false);
+
+  // Retries replace the fetch error, not the word about the snapshot.
+  REQUIRE(wait_until([&] { return w->status().consecutive_failures >= 3; }));
+  st = w->status();
+  CHECK_MESSAGE(contains(st.last_error, o.snapshot_path), st.last_error);
+  CHECK_MESSAGE(contains(st.last_error, "/v1/health/service/api"), st.last_error);
+
+  d.up();
+  REQUIRE(wait_until([&] { return ports_of(pub) == Ports{8080}; }));
+  st = w->status();
+  CHECK(st.ready);
+  CHECK_FALSE(st.stale);
+  CHECK(st.last_error.empty());
+}
+
+TEST_CASE("watcher status: a status that never saw a set is stale and not ready; backoff has one name") {
+  WatcherStatus st;
+  CHECK(st.stale);
+  CHECK_FALSE(st.ready);
+  auto j = st.to_json();
+  CHECK(j["stale"] == true);
+  CHECK(j["ready"] == false);
+  CHECK(j.contains("backoff_ms"));
+  CHECK_FALSE(j.contains("current_backoff_ms"));
+}
+
+TEST_CASE("consul watch: background start against a hung agent returns at once and serves the snapshot") {
+  TempDir dir;
+  ConsulDouble d;
+  d.set_service("api", consul_instances({8080}));
+  WatchOptions o = fast();
+  o.snapshot_path = dir.file("api.snapshot");
+  REQUIRE(dynup::save_snapshot(o.snapshot_path, dynup_test::make_set({dynup_test::peer("10.9.0.1", 7070)}, 42)));
+  o.initial = dynup::InitialFetch::background;
+
+  d.inject(ConsulFault::hold_then_drop, 1, std::chrono::minutes(10)); // a hung agent
+  Publisher pub;
+  Recorder rec;
+  auto w = start(d, pub, "/health/api", o, &rec);
+  CHECK(ports_of(pub) == Ports{7070});
+  WatcherStatus st = w->status();
+  CHECK(st.ready);
+  CHECK(st.stale);
+  // The first request is held now: start() returned before any answer could exist.
+  REQUIRE(wait_until([&] { return d.held() == 1; }));
+  CHECK(ports_of(pub) == Ports{7070});
+  CHECK(rec.published().size() == 1);
+
+  d.release_holds(); // the agent drops the connection; the watcher retries
+  REQUIRE(wait_until([&] { return ports_of(pub) == Ports{8080}; }));
+  st = w->status();
+  CHECK_FALSE(st.stale);
+  CHECK(st.ready);
+}
+
+TEST_CASE("consul watch: background start against a trickling agent returns at once and stop() interrupts it") {
+  ConsulDouble d;
+  d.set_service("api", consul_instances({8080}));
+  d.inject(ConsulFault::trickle_body, ConsulDouble::forever, 500ms);
+  WatchOptions o = fast();
+  o.initial = dynup::InitialFetch::background;
+  Publisher pub;
+  auto w = start(d, pub, "/health/api", o);
+  // Nothing to serve yet, and said so.
+  CHECK(pub.version() == 0);
+  CHECK_FALSE(w->status().ready);
+  CHECK(w->status().stale);
+  REQUIRE(wait_until([&] { return d.faulted() >= 1; })); // the trickled reply is under way
+  CHECK(pub.version() == 0);
+
+  auto t0 = std::chrono::steady_clock::now();
+  w->stop();
+  CHECK(std::chrono::steady_clock::now() - t0 < 2s);
+  CHECK(pub.version() == 0);
+}
+
+TEST_CASE("consul watch: strong_dependency with background start is refused") {
+  ConsulDouble d;
+  WatchOptions o = fast();
+  o.initial = dynup::InitialFetch::background;
+  o.strong_dependency = true;
+  Publisher pub;
+  auto w = try_start(d, pub, "/health/api", o);
+  REQUIRE_FALSE(w);
+  CHECK(w.error().code() == Errc::invalid_argument);
+  CHECK(contains(w.error().message(), "strong_dependency"));
+  CHECK(d.requests() == 0);
 }

@@ -432,12 +432,15 @@ TEST_CASE("a file missing at construction is reported, then published once creat
   auto st = w.status();
   CHECK_FALSE(st.last_error.empty());
   CHECK(st.consecutive_failures == 1);
-  CHECK_FALSE(st.stale); // nothing is served yet, so nothing is stale
+  CHECK(st.stale); // nothing is served: not up to date with the file, and not ready
+  CHECK_FALSE(st.ready);
   CHECK_FALSE(st.last_success.has_value());
 
   write_by_rename(path, doc(8001));
   REQUIRE(wait_until([&] { return pub.version() == 1; }));
   CHECK(current_port(pub) == 8001);
+  REQUIRE(wait_until([&] { return w.status().ready; }));
+  CHECK_FALSE(w.status().stale);
   CHECK(wait_until([&] { return w.status().last_error.empty(); }));
   CHECK(w.status().consecutive_failures == 0);
   CHECK(rec.published() == std::vector<std::uint64_t>{1});

@@ -16,6 +16,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <thread>
 
@@ -186,4 +187,43 @@ TEST_CASE("push://: each accepted push builds one routing table, not one per thr
   CHECK_FALSE(same->changed);
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   CHECK(built() == before + 20);
+}
+
+TEST_CASE("push://: a callback that throws does not escape push(), and the push stands") {
+  dynup::Publisher pub;
+  int published = 0, errors = 0;
+  dynup::PushWatcher w(
+      pub, dynup::PushOptions{},
+      [&](const dynup::Snapshot&) {
+        ++published;
+        throw std::runtime_error("embedder bug");
+      },
+      [&](const dynup::Error&) {
+        ++errors;
+        throw std::runtime_error("embedder bug");
+      });
+  CHECK_FALSE(w.status().ready);
+  CHECK(w.status().stale); // nothing served yet
+
+  dynup::Peer p;
+  p.host = "10.0.0.1";
+  p.port = 80;
+  auto set = dynup::PeerSet::make({p}, 0);
+  REQUIRE(set.ok());
+  dynup::Result<dynup::PushResult> r = dynup::Error(dynup::Errc::invalid_argument, "not run");
+  CHECK_NOTHROW(r = w.push(*set));
+  REQUIRE(r.ok());
+  CHECK(r->changed);
+  CHECK(published == 1);
+  CHECK(pub.version() == 1);
+  CHECK(w.status().ready);
+  CHECK_FALSE(w.status().stale);
+
+  // The default guards refuse an empty set: the error callback throws, push() does not.
+  dynup::Result<dynup::PushResult> refused = dynup::Error(dynup::Errc::invalid_argument, "not run");
+  CHECK_NOTHROW(refused = w.push(dynup::PeerSet{}));
+  REQUIRE_FALSE(refused.ok());
+  CHECK(refused.error().code() == Errc::rejected);
+  CHECK(errors == 1);
+  CHECK(pub.version() == 1);
 }

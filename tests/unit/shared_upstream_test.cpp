@@ -13,12 +13,15 @@
 #include <nlohmann/json.hpp>
 
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -278,4 +281,42 @@ TEST_CASE("shared upstream: kill -9 of the leader process, and a follower leads 
   CHECK(follower->status()["shared"]["leader_pid"] == ::getpid());
   write_by_rename(h.path, peers_doc({8004}));
   CHECK(wait_until([&] { return routes_to(*follower, {8004}); }));
+}
+
+TEST_CASE("shared upstream: the .leader file is mode 0600 under umask 0, and a link planted there is not followed") {
+  Host h({8001});
+  const std::string leader_file = h.dir.file("api.leader");
+  SUBCASE("umask 0") {
+    const mode_t old = ::umask(0);
+    auto leader = start(h.config());
+    ::umask(old);
+    REQUIRE(role(*leader) == "leader");
+    struct stat st {};
+    REQUIRE(::lstat(leader_file.c_str(), &st) == 0);
+    CHECK(S_ISREG(st.st_mode));
+    CHECK((st.st_mode & 07777) == 0600);
+  }
+  SUBCASE("a symbolic link at the .leader path") {
+    const std::string victim = h.dir.file("victim");
+    write_by_rename(victim, "keep me");
+    REQUIRE(::symlink(victim.c_str(), leader_file.c_str()) == 0);
+    std::mutex mu;
+    std::vector<std::string> heard;
+    auto up = Upstream::start(h.config(), dynup::steady_clock(), [&](const dynup::Error& e) {
+      std::lock_guard<std::mutex> lock(mu);
+      heard.push_back(e.message());
+    });
+    REQUIRE_MESSAGE(up.ok(), up.error().message());
+    REQUIRE(role(**up) == "leader");
+    CHECK(wait_until([&] {
+      std::lock_guard<std::mutex> lock(mu);
+      return std::any_of(heard.begin(), heard.end(), [&](const std::string& m) {
+        return contains(m, "leader file") && contains(m, "symbolic link") && contains(m, leader_file);
+      });
+    }));
+    CHECK(dynup_test::read_all(victim) == "keep me");
+    struct stat st {};
+    REQUIRE(::lstat(leader_file.c_str(), &st) == 0);
+    CHECK(S_ISLNK(st.st_mode));
+  }
 }

@@ -2,6 +2,7 @@
 #include <dynup/snapshot_file.hpp>
 
 #include <support/temp_dir.hpp>
+#include <support/text.hpp>
 
 #include "support/peers.hpp"
 #include <doctest/doctest.h>
@@ -12,6 +13,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -396,4 +398,57 @@ TEST_CASE("concurrent saves and loads: every load returns one complete saved set
   CHECK(failed == 0);
   CHECK(unknown == 0);
   CHECK(dir.entries() == std::vector<std::string>{"snap"});
+}
+
+TEST_CASE("an atomic write never follows a symbolic link at its temporary or final name") {
+  TempDir dir;
+  std::string victim = dir.file("victim");
+  {
+    std::ofstream out(victim);
+    out << "keep me";
+  }
+  std::string path = dir.file("api.leader");
+
+  SUBCASE("a link planted at the temporary name") {
+    unsigned next = dynup::detail::temp_sequence().load();
+    std::string tmp = dynup::detail::temp_path_for(path, next);
+    REQUIRE(::symlink(victim.c_str(), tmp.c_str()) == 0);
+    auto r = dynup::detail::write_file_atomic(path, "123\n", false);
+    REQUIRE_FALSE(r);
+    CHECK_MESSAGE(dynup_test::contains(r.error().message(), tmp), r.error().message());
+    CHECK_MESSAGE(dynup_test::contains(r.error().message(), "not following"), r.error().message());
+    ::unlink(tmp.c_str());
+  }
+  SUBCASE("a link planted at the final name") {
+    REQUIRE(::symlink(victim.c_str(), path.c_str()) == 0);
+    auto r = dynup::save_snapshot(path, make_set({peer("10.0.0.1", 80)}));
+    REQUIRE_FALSE(r);
+    CHECK_MESSAGE(dynup_test::contains(r.error().message(), "symbolic link"), r.error().message());
+    struct stat st {};
+    REQUIRE(::lstat(path.c_str(), &st) == 0);
+    CHECK(S_ISLNK(st.st_mode));
+  }
+  CHECK(dynup_test::read_all(victim) == "keep me");
+}
+
+TEST_CASE("an atomic write is mode 0600 under umask 0 and refuses a directory others can write") {
+  TempDir dir;
+  {
+    UmaskGuard guard(0);
+    std::string path = dir.file("api.leader");
+    REQUIRE(dynup::detail::write_file_atomic(path, "123\n", false));
+    struct stat st {};
+    REQUIRE(::stat(path.c_str(), &st) == 0);
+    CHECK((st.st_mode & 07777) == 0600);
+    CHECK(dynup_test::read_all(path) == "123\n");
+  }
+  REQUIRE(::chmod(dir.path().c_str(), 0777) == 0);
+  auto r = dynup::detail::write_file_atomic(dir.file("x"), "1", false);
+  REQUIRE_FALSE(r);
+  CHECK_MESSAGE(dynup_test::contains(r.error().message(), "writable by group or others"), r.error().message());
+  CHECK_MESSAGE(dynup_test::contains(r.error().message(), dir.path()), r.error().message());
+  // With the sticky bit (as /tmp and /dev/shm have) others cannot replace our files.
+  REQUIRE(::chmod(dir.path().c_str(), 01777) == 0);
+  CHECK(dynup::detail::write_file_atomic(dir.file("x"), "1", false));
+  ::chmod(dir.path().c_str(), 0700);
 }

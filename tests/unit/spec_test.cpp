@@ -1,10 +1,12 @@
 #include <dynup/source/file.hpp>
 #include <dynup/source/spec.hpp>
+#include <dynup/upstream_config.hpp>
 
 #include <support/text.hpp>
 
 #include <doctest/doctest.h>
 
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -230,4 +232,62 @@ TEST_CASE("an empty port after the colon is an error, not the default port") {
     REQUIRE_FALSE(r.ok());
     CHECK(r.error().message().find("port after ':' is empty") != std::string::npos);
   }
+}
+
+TEST_CASE("upstream config: the example in upstream_config.hpp parses as written") {
+  auto c = dynup::parse_upstream_config(nlohmann::json::parse(dynup::upstream_config_example));
+  REQUIRE_MESSAGE(c, (c ? std::string() : c.error().message()));
+  CHECK(c->name == "api");
+  CHECK(c->policy == "least_request");
+  CHECK(c->policy_options["choice_count"] == 2);
+  CHECK(c->watch.wait == std::chrono::minutes(5));
+  CHECK(c->watch.initial == dynup::InitialFetch::wait);
+  CHECK(c->watch.guards.min_peers == 2u);
+}
+
+TEST_CASE("upstream config: wait_ms on a file:// source is refused whatever its value, the default too") {
+  for (int wait : {299999, 300000}) {
+    CAPTURE(wait);
+    nlohmann::json doc{{"name", "api"}, {"source", "file:///etc/dynup/api.json"}, {"watch", {{"wait_ms", wait}}}};
+    auto c = dynup::parse_upstream_config(doc);
+    REQUIRE_FALSE(c);
+    CHECK_MESSAGE(contains(c.error().message(), "wait"), c.error().message());
+    CHECK(contains(c.error().message(), "file://"));
+  }
+  // A file-only option written at its default value is refused on a registry source too.
+  nlohmann::json doc{{"name", "api"}, {"source", "consul://127.0.0.1:8500/health/api"}, {"watch", {{"poll_ms", 1000}}}};
+  auto c = dynup::parse_upstream_config(doc);
+  REQUIRE_FALSE(c);
+  CHECK_MESSAGE(contains(c.error().message(), "poll_interval"), c.error().message());
+}
+
+TEST_CASE("upstream config: watch.initial is wait or background; background refuses strong_dependency") {
+  auto parse = [](nlohmann::json watch) {
+    return dynup::parse_upstream_config(
+        nlohmann::json{{"name", "api"}, {"source", "consul://127.0.0.1:8500/health/api"}, {"watch", watch}});
+  };
+  auto bg = parse({{"initial", "background"}});
+  REQUIRE_MESSAGE(bg, (bg ? std::string() : bg.error().message()));
+  CHECK(bg->watch.initial == dynup::InitialFetch::background);
+  auto bad = parse({{"initial", "later"}});
+  REQUIRE_FALSE(bad);
+  CHECK_MESSAGE(contains(bad.error().message(), "upstream.watch.initial"), bad.error().message());
+  auto both = parse({{"initial", "background"}, {"strong_dependency", true}});
+  REQUIRE_FALSE(both);
+  CHECK_MESSAGE(contains(both.error().message(), "strong_dependency"), both.error().message());
+  // file:// never waits on the network: either value is accepted.
+  auto file = dynup::parse_upstream_config(nlohmann::json{
+      {"name", "api"}, {"source", "file:///etc/dynup/api.json"}, {"watch", {{"initial", "background"}}}});
+  CHECK_MESSAGE(file, (file ? std::string() : file.error().message()));
+}
+
+TEST_CASE("health options: a long list of errors is capped like every other error list") {
+  nlohmann::json doc = nlohmann::json::object();
+  for (int i = 0; i < 25; ++i) doc["unknown_" + std::to_string(100 + i)] = 1;
+  auto h = dynup::health_options_from_json(doc);
+  REQUIRE_FALSE(h);
+  const std::string& m = h.error().message();
+  CHECK_MESSAGE(contains(m, "and 15 more"), m);
+  CHECK(contains(m, "unknown_100"));
+  CHECK_FALSE(contains(m, "unknown_124"));
 }

@@ -6,6 +6,7 @@
 // every retry period, so when the leader dies (its lock goes with it) another takes over.
 #pragma once
 
+#include <dynup/detail/fs.hpp>
 #include <dynup/leader_lock.hpp>
 #include <dynup/peer_set.hpp>
 #include <dynup/result.hpp>
@@ -169,14 +170,11 @@ private:
     return pid;
   }
 
+  // Mode 0600, never through a link (detail::write_file_atomic); a failure is reported.
   void write_leader_file(const nlohmann::json& state) {
-    const std::string path = pid_path();
-    const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-    {
-      std::ofstream out(tmp, std::ios::trunc);
-      out << ::getpid() << "\n" << state.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
-    }
-    if (std::rename(tmp.c_str(), path.c_str()) != 0) std::remove(tmp.c_str());
+    std::string text = std::to_string(::getpid()) + "\n" +
+                       state.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+    if (auto ok = write_file_atomic(pid_path(), text, false); !ok) report(ok.error().with_context("leader file"));
   }
 
   // Leader: writes the leader file when the watcher's status changed since the last write.

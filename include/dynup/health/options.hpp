@@ -1,6 +1,6 @@
 // Health options: what an upstream's health layer checks, counts and tolerates. Plain
 // values; health/tracker.hpp applies them, health/active.hpp runs the probes. The JSON
-// form (docs/HEALTH.md) is read by health_options_from_json in health/tracker.hpp.
+// form (docs/HEALTH.md) is read by health_options_from_json in health/options_json.hpp.
 #pragma once
 
 #include <dynup/version.hpp>

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <dynup/health/options.hpp>
+#include <dynup/peer_json.hpp>
 #include <dynup/result.hpp>
 #include <dynup/version.hpp>
 
@@ -163,7 +164,8 @@ inline std::pair<int, int> parse_status_range(const std::string& s) {
 /// Reads health options from a JSON object (docs/HEALTH.md). Absent keys keep their
 /// defaults. Unknown keys, wrong types and out-of-range values are errors naming their
 /// JSON path under `path`, e.g. "health.outlier.base_ejection_ms: expected a positive
-/// integer of milliseconds, got -5"; all problems are reported at once, joined by "; ".
+/// integer of milliseconds, got -5"; all problems are reported at once, joined by "; ",
+/// the first DYNUP_MAX_REPORTED_ERRORS of them and then "and N more".
 /// Errc::invalid_argument. Allocates; never throws for any JSON value.
 inline Result<HealthOptions> health_options_from_json(const nlohmann::json& j, const std::string& path = "health") {
   using nlohmann::json;
@@ -303,9 +305,7 @@ inline Result<HealthOptions> health_options_from_json(const nlohmann::json& j, c
     }
   }
   if (r.errors.empty()) return o;
-  std::string msg;
-  for (const auto& e : r.errors) msg += (msg.empty() ? "" : "; ") + e;
-  return Error(Errc::invalid_argument, msg);
+  return detail::joined_error(Errc::invalid_argument, r.errors); // capped like every error list
 }
 
 /// The options as JSON in the schema health_options_from_json reads, every key present;

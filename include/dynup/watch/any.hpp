@@ -35,8 +35,12 @@ DYNUP_NAMESPACE_BEGIN
 
 /// What Watcher::start takes: the options every registry watcher takes, plus the ones
 /// only file:// has. A setting the chosen source cannot honour is an error, never
-/// silently dropped: file:// takes only `guards`, `poll_interval` and `settle`;
-/// consul:// and etcd:// take everything but `poll_interval` and `settle`.
+/// silently dropped: file:// takes only `guards`, `poll_interval`, `settle` and
+/// `initial`; consul:// and etcd:// take everything but `poll_interval` and `settle`.
+/// An option counts as set when it differs from its default or is named in
+/// `explicitly_set` (so a value written in a config file is checked even when it equals
+/// the default). `initial` is accepted everywhere: file:// and push:// never wait on the
+/// network, so both values start them at once.
 struct AnyWatchOptions : WatchOptions {
   AnyWatchOptions() = default;
   /// Implicit, so a plain WatchOptions is accepted where AnyWatchOptions is expected.
@@ -46,6 +50,16 @@ struct AnyWatchOptions : WatchOptions {
   std::chrono::milliseconds poll_interval = FileWatchOptions{}.poll_interval;
   /// file:// only: FileWatchOptions::settle; must not be negative.
   std::chrono::milliseconds settle = FileWatchOptions{}.settle;
+  /// Member names (as spelled here: "wait", "burst", "poll_interval", …) that were set
+  /// on purpose, whatever their value; a config reader fills it.
+  std::vector<std::string> explicitly_set;
+
+  /// True when `name` is listed in explicitly_set.
+  bool marked(std::string_view name) const {
+    for (const auto& n : explicitly_set)
+      if (n == name) return true;
+    return false;
+  }
 };
 
 namespace detail {
@@ -87,19 +101,22 @@ inline std::string join_names(const std::vector<const char*>& names) {
 inline std::vector<const char*> fetch_options_set(const AnyWatchOptions& o) {
   const WatchOptions defaults;
   std::vector<const char*> set;
-  if (o.strong_dependency) set.push_back("strong_dependency");
-  if (o.wait != defaults.wait) set.push_back("wait");
-  if (o.backoff_base != defaults.backoff_base) set.push_back("backoff_base");
-  if (o.backoff_cap != defaults.backoff_cap) set.push_back("backoff_cap");
-  if (o.min_interval != defaults.min_interval) set.push_back("min_interval");
-  if (o.burst != defaults.burst) set.push_back("burst");
+  auto check = [&](const char* name, bool differs) {
+    if (differs || o.marked(name)) set.push_back(name);
+  };
+  check("strong_dependency", o.strong_dependency);
+  check("wait", o.wait != defaults.wait);
+  check("backoff_base", o.backoff_base != defaults.backoff_base);
+  check("backoff_cap", o.backoff_cap != defaults.backoff_cap);
+  check("min_interval", o.min_interval != defaults.min_interval);
+  check("burst", o.burst != defaults.burst);
   return set;
 }
 inline std::vector<const char*> file_options_set(const AnyWatchOptions& o) {
   const FileWatchOptions defaults;
   std::vector<const char*> set;
-  if (o.poll_interval != defaults.poll_interval) set.push_back("poll_interval");
-  if (o.settle != defaults.settle) set.push_back("settle");
+  if (o.poll_interval != defaults.poll_interval || o.marked("poll_interval")) set.push_back("poll_interval");
+  if (o.settle != defaults.settle || o.marked("settle")) set.push_back("settle");
   return set;
 }
 
@@ -175,6 +192,14 @@ inline Result<PreparedSource> prepare_source(std::string_view spec, const AnyWat
                shown + "unknown scheme \"" + std::string(scheme) + "\" (supported: " + supported + ")");
 }
 
+// The spec a prepared source describes, never with secrets.
+inline std::string prepared_name(const PreparedSource& p) {
+  if (auto* f = std::get_if<FileWatchOptions>(&p)) return "file://" + f->path;
+  if (auto* c = std::get_if<ConsulSource>(&p)) return c->describe();
+  if (auto* e = std::get_if<EtcdSource>(&p)) return e->describe();
+  return "push://";
+}
+
 } // namespace detail
 
 /// A running watcher of any source, owned: the destructor stops it.
@@ -186,18 +211,23 @@ inline Result<PreparedSource> prepare_source(std::string_view spec, const AnyWat
 class Watcher {
 public:
   /// Starts the watcher `spec` names, publishing into `publisher` (which must outlive
-  /// it). Returns once the first read or fetch is done, with the same guarantees as the
+  /// it). With `options.initial` = wait (the default) returns once the first read or
+  /// fetch is done; with background, a consul:// or etcd:// watcher returns at once
+  /// serving the last-known-good snapshot (stale) or nothing, and fetches on its thread.
+  /// Otherwise the same guarantees as the
   /// concrete watcher's start: FileWatcher's constructor, BlockingWatcher::start with an
   /// HttplibTransport to the Consul agent, EtcdWatcher::start. Errors: a bad spec is the
   /// source's own error, naming the spec (a Consul token is never quoted); an unknown
   /// scheme is Errc::unsupported, listing the supported ones; an option the source cannot
-  /// honour is Errc::invalid_argument, naming it; a failed first fetch with
+  /// honour (or strong_dependency with initial background) is Errc::invalid_argument,
+  /// naming it; a failed first fetch with
   /// strong_dependency is that fetch's error; a thread or descriptor the system refuses
   /// is Errc::io_error. Callbacks run on the watcher's thread (the first on the caller's).
   static Result<Watcher> start(Publisher& publisher, std::string_view spec, AnyWatchOptions options = {},
                                PublishCallback on_publish = {}, ErrorCallback on_error = {}) {
     auto prepared = detail::prepare_source(spec, options);
     if (!prepared) return prepared.error();
+    if (auto ok = check_initial(options, detail::prepared_name(*prepared)); !ok) return ok.error();
     return std::visit(
         [&](auto& source) { return launch(publisher, std::move(source), options, on_publish, on_error); },
         *prepared);
@@ -208,7 +238,7 @@ public:
   static Result<void> validate(std::string_view spec, const AnyWatchOptions& options = {}) {
     auto prepared = detail::prepare_source(spec, options);
     if (!prepared) return prepared.error();
-    return {};
+    return check_initial(options, detail::prepared_name(*prepared));
   }
 
   /// Adopts a watcher built by hand (a BlockingWatcher with a transport of one's own,

@@ -20,6 +20,19 @@
 
 DYNUP_NAMESPACE_BEGIN
 
+/// When a registry watcher's start() returns (WatchOptions::initial).
+enum class InitialFetch {
+  /// After the first fetch: its set is served (or, when it fails, the last-known-good
+  /// snapshot; or start() fails under strong_dependency). The caller's thread waits on
+  /// the network, up to the first request's deadline.
+  wait,
+  /// At once, without touching the network: the last-known-good snapshot is served
+  /// (stale) when there is one, else nothing (ready is false); the first fetch runs on
+  /// the watcher's thread, and stop() interrupts it. For embedders whose start must not
+  /// block (an nginx worker). Incompatible with strong_dependency.
+  background,
+};
+
 /// Options every watcher takes.
 struct WatchOptions {
   /// Longest a blocking query may be held by the server (Consul caps it at 10 minutes);
@@ -37,7 +50,23 @@ struct WatchOptions {
   std::string snapshot_path;
   /// Fail start() when the first fetch fails, instead of serving the snapshot or waiting.
   bool strong_dependency = false;
+  /// Whether start() waits for the first fetch; see InitialFetch.
+  InitialFetch initial = InitialFetch::wait;
 };
+
+/// "wait" or "background".
+inline const char* initial_fetch_name(InitialFetch i) noexcept {
+  return i == InitialFetch::background ? "background" : "wait";
+}
+
+/// strong_dependency needs a start() that waits for the first fetch.
+inline Result<void> check_initial(const WatchOptions& o, const std::string& described) {
+  if (o.initial == InitialFetch::background && o.strong_dependency)
+    return Error(Errc::invalid_argument, "source \"" + described +
+                                             "\": strong_dependency needs initial \"wait\": with \"background\" "
+                                             "start() does not wait for the first fetch");
+  return {};
+}
 
 using PublishCallback = std::function<void(const Snapshot&)>;
 using ErrorCallback = std::function<void(const Error&)>;
@@ -66,7 +95,7 @@ public:
     status_.last_index = index;
     status_.last_success = std::chrono::system_clock::now();
     status_.last_error = refusal_;
-    status_.stale = !refusal_.empty();
+    status_.stale = !refusal_.empty() || !status_.ready;
     status_.consecutive_failures = 0;
     status_.current_backoff = std::chrono::milliseconds(0);
   }
@@ -88,8 +117,10 @@ public:
     {
       std::lock_guard<std::mutex> lock(mu_);
       refusal_.clear();
+      fallback_error_.clear();
       status_.last_error.clear();
       status_.stale = false;
+      status_.ready = true;
       if (outcome.published) ++status_.publish_count;
     }
     if (!outcome.published) return;
@@ -102,15 +133,16 @@ public:
   }
 
   /// A fetch failed: records and reports it; returns the backoff to sleep. The set
-  /// served, if any, is now stale: what the source holds is unknown.
+  /// served, if any, is now stale: what the source holds is unknown. A refused snapshot
+  /// stays named in last_error until a set is served.
   std::chrono::milliseconds failed(const Error& e) {
     auto delay = backoff_.next();
     {
       std::lock_guard<std::mutex> lock(mu_);
-      status_.last_error = e.message();
+      status_.last_error = e.message() + (fallback_error_.empty() ? "" : "; " + fallback_error_);
       ++status_.consecutive_failures;
       status_.current_backoff = delay;
-      status_.stale = publisher_.version() != 0;
+      status_.stale = true;
     }
     report(e);
     return delay;
@@ -132,20 +164,31 @@ public:
     return delay;
   }
 
-  /// Loads the last-known-good snapshot into the publisher, marked stale. Reports and
-  /// returns false when there is none or it is unreadable.
+  /// Loads the last-known-good snapshot into the publisher, marked stale. Returns false
+  /// when there is none or it is refused; a refusal is reported and stays in
+  /// status().last_error (naming the file and why) until a set is served.
   bool load_fallback() {
     if (options_.snapshot_path.empty()) return false;
     auto loaded = load_snapshot(options_.snapshot_path);
     if (!loaded) {
-      report(loaded.error().with_context("last-known-good snapshot"));
+      Error e = loaded.error().with_context("the last-known-good snapshot is not served");
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        fallback_error_ = e.message();
+        const std::string& before = status_.last_error;
+        status_.last_error = before.empty() ? fallback_error_ : before + "; " + fallback_error_;
+        status_.stale = true;
+      }
+      report(e);
       return false;
     }
     std::uint64_t index = loaded->set.source_index();
     auto outcome = publisher_.publish(std::move(loaded->set));
     {
       std::lock_guard<std::mutex> lock(mu_);
+      fallback_error_.clear();
       status_.stale = true;
+      status_.ready = true;
       status_.last_index = index;
       if (outcome.published) ++status_.publish_count;
     }
@@ -200,6 +243,7 @@ private:
   mutable std::mutex mu_;
   WatcherStatus status_;
   std::string refusal_; ///< the standing guard refusal, empty when the last offer was accepted
+  std::string fallback_error_; ///< why the snapshot was refused, until a set is served
   std::mutex sleep_mu_;
   std::condition_variable sleep_cv_;
   std::atomic<bool> stopping_{false};

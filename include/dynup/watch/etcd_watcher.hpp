@@ -38,9 +38,11 @@ DYNUP_NAMESPACE_BEGIN
 /// Quiet watches: the watch asks for progress notifications, which etcd sends every
 /// --experimental-watch-progress-notify-interval (10 minutes by default) and which
 /// advance the revision a reopened watch starts from. The stream's read timeout is
-/// `wait` + stream_margin; a server that goes silent longer than that is dropped and
-/// redialled, which is how a dead connection is noticed. With a server interval below
-/// `wait` the stream stays open for good.
+/// `wait` + stream_margin, and so is the longest it may go without a complete message:
+/// a server that goes silent, or trickles bytes that never finish a message, is dropped
+/// and redialled, which is how a dead connection is noticed. With a server interval
+/// below `wait` the stream stays open for good. A range request must be complete within
+/// range_read_timeout however its bytes are paced.
 ///
 /// Guards, the last-known-good snapshot and strong_dependency behave exactly as in
 /// BlockingWatcher. Invalid keys are left out and reported to the error callback; an
@@ -49,7 +51,7 @@ DYNUP_NAMESPACE_BEGIN
 /// status() is safe from any thread.
 class EtcdWatcher {
 public:
-  /// Read timeout of a range request.
+  /// Deadline of a whole range request.
   static constexpr std::chrono::milliseconds range_read_timeout{10000};
   /// Slack on top of `wait` before a silent watch stream is declared dead.
   static constexpr std::chrono::milliseconds stream_margin{1000};
@@ -59,12 +61,21 @@ public:
   /// `strong_dependency` the error is returned; otherwise the last-known-good snapshot
   /// (if configured and readable) is published, marked stale, and the thread retries
   /// with backoff. A null `transport` means an HttplibTransport to the source's host.
+  /// With InitialFetch::background nothing is ranged here: the snapshot (if any) is
+  /// published, stale, and the thread does the first range; strong_dependency with
+  /// background is Errc::invalid_argument.
   static Result<std::unique_ptr<EtcdWatcher>> start(Publisher& publisher, EtcdSource source,
                                                     std::unique_ptr<Transport> transport, WatchOptions options,
                                                     PublishCallback on_publish = {}, ErrorCallback on_error = {}) {
+    if (auto ok = check_initial(options, source.describe()); !ok) return ok.error();
     if (!transport) transport = std::make_unique<HttplibTransport>(source.host(), source.port());
     std::unique_ptr<EtcdWatcher> w(new EtcdWatcher(publisher, std::move(source), std::move(transport),
                                                    std::move(options), std::move(on_publish), std::move(on_error)));
+    if (w->core_.options().initial == InitialFetch::background) {
+      w->core_.load_fallback();
+      w->thread_ = std::thread([p = w.get()] { p->run(); });
+      return w;
+    }
     Result<void> first = w->range();
     if (first) first = w->publish({});
     if (!first) {
@@ -150,13 +161,13 @@ private:
     EtcdWatchStream stream;
     bool created = false;
     std::optional<StreamEnd> end;
-    auto last_byte = clock::now();
+    auto last_message = clock::now();
     auto res = transport_->stream(
         post(source_.watch_request(state_.revision + 1), wait + stream_margin), [&](std::string_view bytes) {
-          last_byte = clock::now();
           if (core_.stop_requested()) return false;
           stream.feed(bytes);
           while (auto next = stream.next()) {
+            last_message = clock::now();
             if (!*next) {
               why = next->error().with_context(source_.describe());
               end = StreamEnd::failed;
@@ -183,13 +194,19 @@ private:
             if (r.events.empty()) continue; // progress: nothing changed here
             if (auto published = publish(std::move(skipped)); !published) core_.report(published.error());
           }
+          if (clock::now() - last_message >= wait + stream_margin) {
+            why = Error(Errc::timeout, source_.describe() + ": watch: bytes arrive but no complete message within " +
+                                           std::to_string((wait + stream_margin).count()) + " ms");
+            end = StreamEnd::failed;
+            return false;
+          }
           return true;
         });
     if (core_.stop_requested()) return StreamEnd::stopped;
     if (end) return *end;
     if (!res) {
       // A read timeout and a dropped connection look alike; only the silence tells.
-      if (created && clock::now() - last_byte >= wait) return StreamEnd::quiet;
+      if (created && clock::now() - last_message >= wait) return StreamEnd::quiet;
       why = res.error().with_context(source_.describe() + ": watch");
       return StreamEnd::failed;
     }

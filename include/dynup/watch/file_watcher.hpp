@@ -170,6 +170,7 @@ private:
       status_.last_error.clear();
       status_.consecutive_failures = 0;
       status_.stale = false;
+      status_.ready = true;
       if (outcome.published) ++status_.publish_count;
     }
     if (outcome.published && on_publish_) {
@@ -192,7 +193,7 @@ private:
       std::lock_guard<std::mutex> lock(status_mu_);
       status_.last_error = e.message();
       ++status_.consecutive_failures;
-      status_.stale = publisher_.version() != 0;
+      status_.stale = true; // what the file holds is not what is served (or nothing is)
     }
     // The bytes that failed are not remembered as good, so fixing the file back to the
     // last good content still clears the error.

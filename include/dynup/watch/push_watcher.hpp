@@ -42,8 +42,11 @@ struct PushResult {
 /// reason goes to the error callback and status().last_error.
 ///
 /// Threads: push() from any thread (pushes are serialized); callbacks run on the
-/// pushing thread (the constructor's for the snapshot), never concurrently. No thread
-/// of its own: stop() does nothing.
+/// pushing thread (the constructor's for the snapshot), never concurrently, and an
+/// exception a callback throws is swallowed there (the push's outcome stands). No
+/// thread of its own: stop() does nothing.
+///
+/// Status: ready once a set is served (the saved one or a push); stale while nothing is.
 class PushWatcher {
 public:
   using PublishCallback = std::function<void(const Snapshot&)>;
@@ -61,16 +64,18 @@ public:
     if (!loaded) {
       Error e = loaded.error().with_context("push://: the saved pushed set is not served");
       status_.last_error = e.message();
-      if (on_error_) on_error_(e);
+      report(e);
       return;
     }
     PublishOutcome out = publisher_.publish(std::move(loaded->set));
     Snapshot now = publisher_.current();
     status_.last_index = now->source_index();
     status_.last_success = std::chrono::system_clock::now();
+    status_.ready = true;
+    status_.stale = false; // the saved set is the last push: nothing newer exists
     if (out.published) {
       ++status_.publish_count;
-      if (on_publish_) on_publish_(now);
+      notify_published(now);
     }
   }
 
@@ -90,7 +95,7 @@ public:
         status_.last_error = e.message();
         ++status_.consecutive_failures;
       }
-      if (on_error_) on_error_(e);
+      report(e);
       return e;
     }
     const std::uint64_t index = current->source_index() + 1;
@@ -111,9 +116,11 @@ public:
       status_.last_success = std::chrono::system_clock::now();
       status_.last_error = r.persist_error.empty() ? "" : "push://: served but not saved: " + r.persist_error;
       status_.consecutive_failures = 0;
+      status_.ready = true;
+      status_.stale = false;
       if (out.published) ++status_.publish_count;
     }
-    if (out.published && on_publish_) on_publish_(now);
+    if (out.published) notify_published(now);
     return r;
   }
 
@@ -125,6 +132,23 @@ public:
   void stop() noexcept {}
 
 private:
+  // A throwing callback must not undo a push that is served, nor escape onto the
+  // embedder's thread (an admin API handler, say).
+  void notify_published(const Snapshot& now) noexcept {
+    if (!on_publish_) return;
+    try {
+      on_publish_(now);
+    } catch (...) {
+    }
+  }
+  void report(const Error& e) noexcept {
+    if (!on_error_) return;
+    try {
+      on_error_(e);
+    } catch (...) {
+    }
+  }
+
   Publisher& publisher_;
   const PushOptions options_;
   PublishCallback on_publish_;

@@ -20,7 +20,13 @@ struct WatcherStatus {
   std::string last_error;    ///< empty once an attempt succeeds and its set is accepted
   std::uint64_t consecutive_failures = 0;
   std::chrono::milliseconds current_backoff{0};
-  bool stale = false;        ///< the set served is older than what the source holds (or unknown)
+  /// The set served may be older than what the source holds: true until a set from the
+  /// source is accepted, after any failure, and while a guard refusal stands. A watcher
+  /// that serves nothing is stale too.
+  bool stale = true;
+  /// A first set was loaded, from the source or from the last-known-good snapshot.
+  /// Never false again once true; `stale` says whether it is current.
+  bool ready = false;
   std::uint64_t publish_count = 0;
 
   nlohmann::json to_json() const {
@@ -28,8 +34,9 @@ struct WatcherStatus {
                      {"last_index", last_index},
                      {"last_error", last_error},
                      {"consecutive_failures", consecutive_failures},
-                     {"current_backoff_ms", current_backoff.count()},
+                     {"backoff_ms", current_backoff.count()},
                      {"stale", stale},
+                     {"ready", ready},
                      {"publish_count", publish_count}};
     if (last_success)
       j["last_success_ms"] = std::chrono::duration_cast<std::chrono::milliseconds>(

@@ -8,16 +8,23 @@
 #include <httplib.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cctype>
+#include <cstdint>
 #include <condition_variable>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <system_error>
+#include <thread>
 #include <utility>
 #include <vector>
+
+#include <unistd.h>
 
 DYNUP_NAMESPACE_BEGIN
 
@@ -30,8 +37,10 @@ struct HttpRequest {
   HttpHeaders headers;
   std::string body;
   std::string content_type; ///< for a body; empty for none
-  /// Longest wait for the response to start and between body bytes. A blocking query
-  /// sets it above the server's hold time (Consul: wait + wait/16 + margin).
+  /// send(): the deadline for the whole exchange, from the call to the last body byte,
+  /// however the server paces its bytes. stream(): the longest silence between bytes
+  /// (a stream is long-lived; its reader bounds the time between messages itself). A
+  /// blocking query sets it above the server's hold (Consul: wait + wait/16 + margin).
   std::chrono::milliseconds read_timeout{10000};
 };
 
@@ -62,8 +71,8 @@ public:
   virtual ~Transport() = default;
 
   /// Sends `req` and returns the whole response, or an error (Errc::unavailable for a
-  /// connection failure, Errc::timeout, Errc::canceled). An HTTP error status is a
-  /// response, not an error.
+  /// connection failure, Errc::timeout when the response is not complete within
+  /// `req.read_timeout`, Errc::canceled). An HTTP error status is a response, not an error.
   virtual Result<HttpResponse> send(const HttpRequest& req) = 0;
 
   /// Sends `req` and hands the body to `on_body` piece by piece as it arrives (a
@@ -82,6 +91,84 @@ public:
 // health answer of roughly 20 000 instances with their checks.
 #define DYNUP_MAX_RESPONSE_BYTES (64u * 1024u * 1024u)
 #endif
+
+namespace detail {
+
+/// One thread per process that enforces the total deadline of every HttplibTransport
+/// send(): cpp-httplib's read timeout applies per recv, so a server trickling a byte
+/// now and then would otherwise hold a call forever. Past its deadline an armed call's
+/// `expire` runs on this thread, again every tick until the call disarms (a call still
+/// connecting is reached once it connects). expire runs under the watchdog's lock, so
+/// once disarm() returns it never runs again. The state is never destroyed (no exit-time
+/// order to get wrong), and a forked child starts a watchdog of its own.
+class DeadlineWatchdog {
+public:
+  using clock = std::chrono::steady_clock;
+  static constexpr std::chrono::milliseconds tick{20};
+
+  static DeadlineWatchdog& instance() {
+    static std::mutex mu;
+    static DeadlineWatchdog* current = nullptr;
+    std::lock_guard<std::mutex> lock(mu);
+    if (current == nullptr || current->pid_ != ::getpid()) {
+      current = new DeadlineWatchdog(); // the parent's thread does not exist in a child
+      std::thread([w = current] { w->run(); }).detach();
+    }
+    return *current;
+  }
+
+  /// Arms `expire` for `at`; returns the id disarm() takes. Throws std::system_error
+  /// only from instance(), when the system refuses the thread.
+  std::uint64_t arm(clock::time_point at, std::function<void()> expire) {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::uint64_t id = ++next_id_;
+    armed_.push_back(Armed{id, at, std::move(expire)});
+    cv_.notify_all();
+    return id;
+  }
+
+  void disarm(std::uint64_t id) noexcept {
+    std::lock_guard<std::mutex> lock(mu_);
+    armed_.erase(std::remove_if(armed_.begin(), armed_.end(), [&](const Armed& a) { return a.id == id; }),
+                 armed_.end());
+  }
+
+private:
+  struct Armed {
+    std::uint64_t id;
+    clock::time_point at;
+    std::function<void()> expire;
+  };
+
+  DeadlineWatchdog() : pid_(::getpid()) {}
+
+  [[noreturn]] void run() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      auto now = clock::now();
+      auto next = clock::time_point::max();
+      for (auto& a : armed_) {
+        if (a.at <= now) {
+          a.expire();
+          a.at = now + tick;
+        }
+        next = std::min(next, a.at);
+      }
+      if (next == clock::time_point::max())
+        cv_.wait(lock);
+      else
+        cv_.wait_until(lock, next);
+    }
+  }
+
+  const pid_t pid_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Armed> armed_;
+  std::uint64_t next_id_ = 0;
+};
+
+} // namespace detail
 
 /// Options of the default transport.
 struct HttpTransportOptions {
@@ -161,6 +248,27 @@ private:
     return canceled_;
   }
 
+  // Arms the watchdog for one send(); disarms when destroyed. expired() tells afterwards
+  // whether the deadline, not the server, ended the call.
+  class Deadline {
+  public:
+    Deadline(HttplibTransport& t, std::chrono::milliseconds total)
+        : watchdog_(detail::DeadlineWatchdog::instance()),
+          id_(watchdog_.arm(detail::DeadlineWatchdog::clock::now() + total, [&t, this] {
+            expired_.store(true, std::memory_order_relaxed);
+            t.client_.stop(); // shuts the socket down under a read in progress
+          })) {}
+    ~Deadline() { watchdog_.disarm(id_); }
+    Deadline(const Deadline&) = delete;
+    Deadline& operator=(const Deadline&) = delete;
+    bool expired() const noexcept { return expired_.load(std::memory_order_relaxed); }
+
+  private:
+    std::atomic<bool> expired_{false};
+    detail::DeadlineWatchdog& watchdog_;
+    std::uint64_t id_;
+  };
+
   Result<HttpResponse> run(const HttpRequest& req, const std::function<bool(std::string_view)>* on_body) {
     InFlight flight(*this);
     if (!flight.entered()) return Error(Errc::canceled, "transport canceled");
@@ -175,6 +283,13 @@ private:
     }
     std::string body;
     bool oversized = false;
+    // A stream is long-lived by design: only send() has a total deadline.
+    std::optional<Deadline> deadline;
+    try {
+      if (on_body == nullptr) deadline.emplace(*this, req.read_timeout);
+    } catch (const std::system_error& e) {
+      return Error(Errc::io_error, std::string("cannot start the request deadline watchdog: ") + e.what());
+    }
     if (on_body != nullptr) {
       r.content_receiver = [on_body](const char* data, std::size_t n, std::uint64_t, std::uint64_t) {
         return (*on_body)(std::string_view(data, n));
@@ -193,6 +308,12 @@ private:
     httplib::Error err = httplib::Error::Success;
     bool ok = client_.send(r, res, err);
     if (canceled()) return Error(Errc::canceled, "transport canceled");
+    if (deadline && deadline->expired() && (!ok || oversized)) {
+      deadline.reset();
+      return Error(Errc::timeout, std::string("HTTP ") + req.method + " " + req.target.substr(0, req.target.find('?')) +
+                                      ": no complete response within " + std::to_string(req.read_timeout.count()) +
+                                      " ms");
+    }
     if (oversized)
       return Error(Errc::too_large, std::string("HTTP ") + req.method + " " + req.target.substr(0, req.target.find('?')) +
                                         ": the response body exceeds " + std::to_string(max_body_bytes_) + " bytes");

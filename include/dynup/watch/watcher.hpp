@@ -39,27 +39,37 @@ struct Decoded {
 ///
 /// The loop follows Consul's blocking-query rules: the first request has no index; an
 /// unchanged index is a timeout, not a change; an index that goes backwards resets to 0
-/// and refetches; index 0 or none continues from 1; a token bucket paces requests;
+/// and refetches; index 0 or none continues from 1 (and the next answer is compared by
+/// content, since 1 was never the server's index); a token bucket paces requests;
 /// failures back off exponentially with full jitter and keep the last good set; equal
-/// content is never republished. The read timeout is wait + wait/16 (the server's
-/// jitter) + `read_margin`.
+/// content is never republished. Each request must be complete within wait + wait/16
+/// (the server's jitter) + `read_margin`, however the server paces its bytes.
 template <class Source> class BlockingWatcher {
 public:
   /// Slack on top of wait + wait/16 before a blocking read is declared dead.
   static constexpr std::chrono::milliseconds read_margin{5000};
-  /// Read timeout of the first, non-blocking request (also used after an index reset).
+  /// Deadline of the first, non-blocking request (also used after an index reset).
   static constexpr std::chrono::milliseconds plain_read_timeout{10000};
 
-  /// Fetches once on the calling thread, then watches on a thread of its own. When that
-  /// first fetch fails: with `strong_dependency` the error is returned; otherwise the
-  /// last-known-good snapshot (if configured and readable) is published and marked
-  /// stale, and the thread keeps retrying with backoff.
+  /// With InitialFetch::wait (the default): fetches once on the calling thread, then
+  /// watches on a thread of its own. When that first fetch fails: with
+  /// `strong_dependency` the error is returned; otherwise the last-known-good snapshot
+  /// (if configured and readable) is published and marked stale, and the thread keeps
+  /// retrying with backoff. With InitialFetch::background: publishes the snapshot (if
+  /// any, stale) and returns without any I/O; the thread does the first fetch.
+  /// strong_dependency with background is Errc::invalid_argument.
   static Result<std::unique_ptr<BlockingWatcher>> start(Publisher& publisher, Source source,
                                                         std::unique_ptr<Transport> transport, WatchOptions options,
                                                         PublishCallback on_publish = {}, ErrorCallback on_error = {}) {
+    if (auto ok = check_initial(options, source.describe()); !ok) return ok.error();
     std::unique_ptr<BlockingWatcher> w(new BlockingWatcher(publisher, std::move(source), std::move(transport),
                                                            std::move(options), std::move(on_publish),
                                                            std::move(on_error)));
+    if (w->core_.options().initial == InitialFetch::background) {
+      w->core_.load_fallback();
+      w->thread_ = std::thread([p = w.get()] { p->run(); });
+      return w;
+    }
     Result<void> first = w->fetch_once();
     if (!first) {
       auto delay = w->core_.first_fetch_failed(first.error(), "first fetch", true);
@@ -108,8 +118,11 @@ private:
 
     std::uint64_t got = decoded->index;
     core_.succeeded(got);
-    bool unchanged = index_ != 0 && got == index_;
+    // Only an index the server gave can be unchanged: after a substituted 1, an answer
+    // at index 1 may be a change, so it is offered and compared by content.
+    bool unchanged = index_from_server_ && got == index_;
     if (!unchanged) core_.offer(std::move(decoded).value().set.with_source_index(got));
+    index_from_server_ = got != 0 && got >= index_;
     if (got == 0)
       index_ = 1; // index 0 never blocks: continue from 1
     else if (got < index_)
@@ -136,6 +149,7 @@ private:
   detail::WatcherCore core_;
   TokenBucket bucket_;
   std::uint64_t index_ = 0; // watcher thread only (start() runs before it exists)
+  bool index_from_server_ = false; // index_ is the server's, not 0 or a substituted 1
   std::chrono::milliseconds first_delay_{0};
   std::thread thread_;
 };
