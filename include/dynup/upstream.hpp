@@ -277,24 +277,37 @@ public:
     j["index"] = table->set->source_index();
     using std::chrono::milliseconds;
     const auto now_ms = std::chrono::duration_cast<milliseconds>(std::chrono::system_clock::now().time_since_epoch());
+    // ready: a set was loaded (from the source or the snapshot); stale: it may be older
+    // than the source's. A set never loaded is never reported fresh.
     if (shared_ && shared["role"] == "follower") {
       // A follower's set is as fresh as its leader's, whose watcher says how fresh. With
       // no leader alive nobody refreshes the set: stale.
       const ordered_json& lw = shared["leader_watcher"];
       const bool known = lw.is_object() && lw.contains("last_success_ms") && lw["last_success_ms"].is_number();
       j["age_ms"] = known ? ordered_json(now_ms.count() - lw["last_success_ms"].get<std::int64_t>()) : ordered_json(nullptr);
-      j["stale"] = lw.is_object() && lw.contains("stale") ? lw["stale"].get<bool>() : true;
-    } else if (ws.last_success) {
-      j["age_ms"] = (now_ms - std::chrono::duration_cast<milliseconds>(ws.last_success->time_since_epoch())).count();
-      j["stale"] = ws.stale;
+      const bool ready = publisher_.version() > 0 || (lw.is_object() && lw.value("ready", false));
+      j["ready"] = ready;
+      j["stale"] = !ready || (lw.is_object() && lw.contains("stale") ? lw["stale"].get<bool>() : true);
+      if (!ready) j["not_ready_reason"] = "no leading process has published a set yet";
+      // The leader's watcher speaks for the set a follower serves.
+      auto field = [&](const char* k, ordered_json otherwise) { return lw.is_object() && lw.contains(k) ? lw[k] : otherwise; };
+      j["watcher"] = {{"last_error", field("last_error", lw.is_object() ? "" : "no leading process")},
+                      {"consecutive_failures", field("consecutive_failures", 0)},
+                      {"backoff_ms", field("backoff_ms", 0)},
+                      {"publish_count", field("publish_count", 0)}};
     } else {
-      j["age_ms"] = nullptr;
-      j["stale"] = ws.stale;
+      j["age_ms"] = ws.last_success ? ordered_json((now_ms - std::chrono::duration_cast<milliseconds>(
+                                                                 ws.last_success->time_since_epoch()))
+                                                       .count())
+                                    : ordered_json(nullptr);
+      j["ready"] = ws.ready;
+      j["stale"] = ws.stale || !ws.ready;
+      if (!ws.ready) j["not_ready_reason"] = ws.last_error.empty() ? "no set loaded yet" : ws.last_error;
+      j["watcher"] = {{"last_error", ws.last_error},
+                      {"consecutive_failures", ws.consecutive_failures},
+                      {"backoff_ms", ws.current_backoff.count()},
+                      {"publish_count", ws.publish_count}};
     }
-    j["watcher"] = {{"last_error", ws.last_error},
-                    {"consecutive_failures", ws.consecutive_failures},
-                    {"backoff_ms", ws.current_backoff.count()},
-                    {"publish_count", ws.publish_count}};
     j["panic"] = table->report.panic;
     if (table->report.panic) j["panic_reason"] = table->report.panic_reason;
     j["healthy_percent"] = table->report.healthy_percent;

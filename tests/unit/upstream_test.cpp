@@ -1,5 +1,7 @@
 // The Upstream facade: config errors, picking and reporting through it, health through
 // it (passive, outlier, panic, active), health surviving updates, and status().
+#include <dynup/peer_json.hpp>
+#include <dynup/snapshot_file.hpp>
 #include <dynup/upstream.hpp>
 
 #include <support/text.hpp>
@@ -527,4 +529,31 @@ TEST_CASE("upstream: stop() is prompt and picks keep working on the last table")
   REQUIRE(s);
   CHECK(s.peer->id == "10.0.0.1:80");
   up->report(s, {1ms, 200, false});
+}
+
+TEST_CASE("upstream status: a set never loaded is not ready and stale, and says why; a snapshot served is ready and stale") {
+  Fixture f({"10.0.0.1:80"});
+  json config = {{"name", "api"},
+                 {"source", "consul://127.0.0.1:1/health/api"},
+                 {"watch", {{"initial", "background"}}}};
+  auto up = start(config);
+  auto st = up->status();
+  CHECK(st["ready"] == false);
+  CHECK(st["stale"] == true);
+  REQUIRE(st.contains("not_ready_reason"));
+  CHECK_FALSE(st["not_ready_reason"].get<std::string>().empty());
+  CHECK(st["watcher"].contains("backoff_ms"));
+  CHECK_FALSE(st["watcher"].contains("current_backoff_ms"));
+
+  const std::string snap = f.dir.file("api.snap");
+  auto set = dynup::parse_peer_set(peers_doc({"10.0.0.9:80"}));
+  REQUIRE(set);
+  REQUIRE(dynup::save_snapshot(snap, *set));
+  config["snapshot_path"] = snap;
+  auto from_snapshot = start(config);
+  auto st2 = from_snapshot->status();
+  CHECK(st2["ready"] == true);
+  CHECK(st2["stale"] == true);
+  CHECK_FALSE(st2.contains("not_ready_reason"));
+  CHECK(st2["peers"].size() == 1);
 }
