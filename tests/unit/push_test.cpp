@@ -82,7 +82,7 @@ TEST_CASE("push://: an upstream starts empty, serves each push from the next pic
     auto sel = up->pick();
     REQUIRE(sel);
     ++seen[sel.peer->id];
-    up->report(sel, {});
+    up->report(sel, {std::chrono::milliseconds(1), 200, false}); // a default Outcome is "no reply": a failure
   }
   CHECK(seen["a"] == 30); // weights 3:1, smooth round robin
   CHECK(seen["b"] == 10);
