@@ -12,6 +12,10 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
 #include <map>
@@ -556,4 +560,27 @@ TEST_CASE("upstream status: a set never loaded is not ready and stale, and says 
   CHECK(st2["stale"] == true);
   CHECK_FALSE(st2.contains("not_ready_reason"));
   CHECK(st2["peers"].size() == 1);
+}
+
+TEST_CASE("upstream: active checks that cannot start (no descriptor left) are start()'s error, not an exception") {
+  // In a child: lowering its descriptor limit below what it holds makes the checker's
+  // eventfd fail with EMFILE, which used to throw out of lead().
+  const pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    const int lowest_free = ::dup(0);
+    if (lowest_free >= 0) ::close(lowest_free);
+    const rlimit none{static_cast<rlim_t>(lowest_free), static_cast<rlim_t>(lowest_free)};
+    if (lowest_free < 0 || ::setrlimit(RLIMIT_NOFILE, &none) != 0) ::_exit(2);
+    try {
+      auto up = Upstream::start(json{{"name", "api"}, {"source", "push://"}, {"health", {{"active", {{"type", "tcp"}}}}}});
+      ::_exit(!up.ok() && contains(up.error().message(), "active checks could not start") ? 0 : 3);
+    } catch (...) {
+      ::_exit(4);
+    }
+  }
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
 }
