@@ -187,6 +187,12 @@ protected:
         tiers_[t].push_back(static_cast<std::uint32_t>(i));
         members_[t].push_back({stats_[i], static_cast<std::uint32_t>(i), w});
       }
+      gated_any_ = gated_any_ || (!ok && gate_.on() && health.peers[i].gated);
+    }
+    // nginx_rr's loop keeps the peers only the gate holds out (PeerCondition::gated).
+    for (std::size_t i = 0; i < s.size() && gated_any_; ++i) {
+      const bool in = i >= health.peers.size() || health.peers[i].available || health.peers[i].gated;
+      if (in) rr_members_[s[i].backup ? 1 : 0].push_back({stats_[i], static_cast<std::uint32_t>(i), weight_[i]});
     }
   }
 
@@ -219,7 +225,7 @@ protected:
     std::int64_t total = 0;
     PeerStats* best = nullptr;
     std::uint32_t best_i = 0;
-    for (const TierMember& m : members_[tier]) {
+    for (const TierMember& m : gated_any_ ? rr_members_[tier] : members_[tier]) {
       if (is_tried(m.index, ctx)) continue;
       PeerStats& st = *m.stats;
       std::int64_t ew = st.rr_effective.load(std::memory_order_relaxed);
@@ -296,6 +302,8 @@ protected:
   }
 
   PassiveGate gate_;
+  bool gated_any_ = false;          ///< some peer is out of the tiers only by the gate
+  std::vector<TierMember> rr_members_[2]; ///< members_ plus those peers, when gated_any_
   std::vector<std::shared_ptr<PeerStats>> stats_owner_;
   std::vector<PeerStats*> stats_;
   std::vector<std::uint64_t> id_hash_;

@@ -391,9 +391,11 @@ public:
         std::lock_guard<std::mutex> lock(h->mu_);
         expire_ejection(*h, now);
         describe_active(*h, st, add);
+        const bool down_otherwise = state == PeerState::unhealthy || h->ejected_;
         describe_passive(*h, now, st, add, soonest);
         describe_outlier(*h, now, st, add, soonest);
         const bool available = state != PeerState::unhealthy;
+        cond.gated = !available && !down_otherwise && passive_down(*h, ns(now));
         const bool recovered = available && (h->last_unavailable_ || h->became_unavailable_);
         h->became_unavailable_ = false;
         h->last_unavailable_ = !available;

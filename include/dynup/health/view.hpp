@@ -19,6 +19,10 @@ enum class TryVerdict : std::uint8_t { by_status, success, failure };
 struct PeerCondition {
   bool available = true;    ///< false: never picked (critical in the registry, ejected, down)
   std::uint32_t weight = 1; ///< effective weight, 1..peer.weight (slow start lowers it)
+  /// Unavailable only because max_fails holds it out (PassiveGate): nginx's round robin
+  /// keeps such a peer in its loop and lets the gate pass over it, so that the sequence
+  /// does not depend on when a table was rebuilt.
+  bool gated = false;
 };
 
 /// nginx's max_fails test, made on the request path so that a failure that takes a peer

@@ -99,8 +99,10 @@ namespace detail {
 /// now and then would otherwise hold a call forever. Past its deadline an armed call's
 /// `expire` runs on this thread, again every tick until the call disarms (a call still
 /// connecting is reached once it connects). expire runs under the watchdog's lock, so
-/// once disarm() returns it never runs again. The state is never destroyed (no exit-time
-/// order to get wrong), and a forked child starts a watchdog of its own.
+/// once disarm() returns it never runs again. The thread runs only while a call is
+/// armed: a process with no request in flight has no watchdog thread (a fork then
+/// copies a process without it). The state is never destroyed (no exit-time order to
+/// get wrong), and a forked child starts a watchdog of its own.
 class DeadlineWatchdog {
 public:
   using clock = std::chrono::steady_clock;
@@ -110,10 +112,8 @@ public:
     static std::mutex mu;
     static DeadlineWatchdog* current = nullptr;
     std::lock_guard<std::mutex> lock(mu);
-    if (current == nullptr || current->pid_ != ::getpid()) {
+    if (current == nullptr || current->pid_ != ::getpid())
       current = new DeadlineWatchdog(); // the parent's thread does not exist in a child
-      std::thread([w = current] { w->run(); }).detach();
-    }
     return *current;
   }
 
@@ -121,6 +121,10 @@ public:
   /// only from instance(), when the system refuses the thread.
   std::uint64_t arm(clock::time_point at, std::function<void()> expire) {
     std::lock_guard<std::mutex> lock(mu_);
+    if (!running_) {
+      std::thread([this] { run(); }).detach(); // throws std::system_error: nothing armed
+      running_ = true;
+    }
     std::uint64_t id = ++next_id_;
     armed_.push_back(Armed{id, at, std::move(expire)});
     cv_.notify_all();
@@ -131,6 +135,7 @@ public:
     std::lock_guard<std::mutex> lock(mu_);
     armed_.erase(std::remove_if(armed_.begin(), armed_.end(), [&](const Armed& a) { return a.id == id; }),
                  armed_.end());
+    if (armed_.empty()) cv_.notify_all(); // the thread ends now, not at the next deadline
   }
 
 private:
@@ -142,9 +147,14 @@ private:
 
   DeadlineWatchdog() : pid_(::getpid()) {}
 
-  [[noreturn]] void run() {
+  // Until nothing is armed: the thread ends, and the next arm() starts another.
+  void run() {
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
+      if (armed_.empty()) {
+        running_ = false;
+        return;
+      }
       auto now = clock::now();
       auto next = clock::time_point::max();
       for (auto& a : armed_) {
@@ -154,10 +164,7 @@ private:
         }
         next = std::min(next, a.at);
       }
-      if (next == clock::time_point::max())
-        cv_.wait(lock);
-      else
-        cv_.wait_until(lock, next);
+      cv_.wait_until(lock, next);
     }
   }
 
@@ -166,6 +173,7 @@ private:
   std::condition_variable cv_;
   std::vector<Armed> armed_;
   std::uint64_t next_id_ = 0;
+  bool running_ = false; ///< a thread runs run(); guarded by mu_
 };
 
 } // namespace detail
