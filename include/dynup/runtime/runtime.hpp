@@ -20,6 +20,7 @@
 #include <typeindex>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 DYNUP_NAMESPACE_BEGIN
 namespace rt {
@@ -136,9 +137,13 @@ public:
 
   ~Runtime() {
     // Services may hold loop resources: drop them on the loop before it stops.
+    // Newest first: a service made with another's help goes before its helper.
     loop_.run_sync([this] {
-      std::lock_guard<std::mutex> lock(services_mu_);
-      services_.clear();
+      std::lock_guard<std::recursive_mutex> lock(services_mu_);
+      while (!order_.empty()) {
+        services_.erase(order_.back());
+        order_.pop_back();
+      }
     });
   }
   Runtime(const Runtime&) = delete;
@@ -148,12 +153,16 @@ public:
   Worker& worker() noexcept { return worker_; }
 
   /// The runtime's one instance of service `S`, made by `S(Runtime&)` on first use.
-  /// Thread-safe. `S` lives until the runtime ends and is destroyed on the loop's thread.
+  /// Thread-safe; S's constructor may ask for other services. `S` lives until the runtime
+  /// ends and is destroyed on the loop's thread, newest service first.
   template <class S> S& service() {
-    std::lock_guard<std::mutex> lock(services_mu_);
-    auto& slot = services_[std::type_index(typeid(S))];
-    if (!slot) slot = std::shared_ptr<void>(new S(*this), [](void* p) { delete static_cast<S*>(p); });
-    return *static_cast<S*>(slot.get());
+    std::lock_guard<std::recursive_mutex> lock(services_mu_);
+    const std::type_index key(typeid(S));
+    if (auto it = services_.find(key); it != services_.end()) return *static_cast<S*>(it->second.get());
+    std::shared_ptr<void> made(new S(*this), [](void* p) { delete static_cast<S*>(p); });
+    services_.emplace(key, made);
+    order_.push_back(key);
+    return *static_cast<S*>(made.get());
   }
 
   /// Threads the runtime runs: the loop and the worker.
@@ -164,8 +173,9 @@ private:
 
   Loop loop_;
   Worker worker_;
-  std::mutex services_mu_;
+  std::recursive_mutex services_mu_; // a service may use another in its constructor
   std::unordered_map<std::type_index, std::shared_ptr<void>> services_;
+  std::vector<std::type_index> order_; // creation order, finished constructions first
 };
 
 } // namespace rt
