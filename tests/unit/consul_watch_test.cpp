@@ -1,9 +1,11 @@
-// BlockingWatcher<ConsulSource> against the Consul protocol double: one test per
+// A ConsulDriver run by RegistryWatcher (direct mode: its own blocking query) against
+// the Consul protocol double: one test per
 // blocking-query rule the watcher owns (DESIGN.md, "Consul blocking queries"), per
 // injected fault, and per guarantee (fallback, guards, status, prompt stop).
 #include <dynup/snapshot_file.hpp>
 #include <dynup/source/consul.hpp>
-#include <dynup/watch/watcher.hpp>
+#include <dynup/watch/consul_watch.hpp>
+#include <dynup/watch/registry_watcher.hpp>
 
 #include <support/consul_double.hpp>
 #include <support/peers.hpp>
@@ -46,7 +48,7 @@ using dynup_test::stays_true_for;
 using dynup_test::TempDir;
 using dynup_test::wait_until;
 using namespace std::chrono_literals;
-using Watcher = dynup::BlockingWatcher<ConsulSource>;
+using Watcher = dynup::RegistryWatcher;
 using Ports = dynup_test::Ports;
 using dynup_test::contains;
 using dynup_test::ports_of;
@@ -69,26 +71,6 @@ private:
   std::vector<dynup::HttpRequest> all_;
 };
 
-class RecordingTransport final : public dynup::Transport {
-public:
-  RecordingTransport(std::unique_ptr<dynup::Transport> inner, std::shared_ptr<SeenRequests> seen)
-      : inner_(std::move(inner)), seen_(std::move(seen)) {}
-  dynup::Result<dynup::HttpResponse> send(const dynup::HttpRequest& req) override {
-    seen_->add(req);
-    return inner_->send(req);
-  }
-  dynup::Result<dynup::HttpResponse> stream(const dynup::HttpRequest& req,
-                                            const std::function<bool(std::string_view)>& on_body) override {
-    seen_->add(req);
-    return inner_->stream(req, on_body);
-  }
-  void cancel() noexcept override { inner_->cancel(); }
-
-private:
-  std::unique_ptr<dynup::Transport> inner_;
-  std::shared_ptr<SeenRequests> seen_;
-};
-
 // Short waits and small backoffs keep each test well under a second or two.
 WatchOptions fast(std::chrono::milliseconds wait = 300ms) {
   WatchOptions o;
@@ -105,9 +87,12 @@ dynup::Result<std::unique_ptr<Watcher>> try_start(const ConsulDouble& d, Publish
                                                   std::shared_ptr<SeenRequests> seen = nullptr) {
   auto src = ConsulSource::from_spec(d.spec(path));
   REQUIRE(src);
-  std::unique_ptr<dynup::Transport> t = std::make_unique<dynup::HttplibTransport>(src->host(), src->port());
-  if (seen) t = std::make_unique<RecordingTransport>(std::move(t), std::move(seen));
-  auto w = Watcher::start(pub, std::move(src).value(), std::move(t), std::move(o),
+  auto runtime = dynup::rt::Runtime::acquire();
+  REQUIRE(runtime);
+  dynup::detail::RequestTap tap;
+  if (seen) tap = [seen](const dynup::HttpRequest& r) { seen->add(r); };
+  auto driver = std::make_unique<dynup::detail::ConsulDriver>(*runtime, std::move(src).value(), std::move(tap));
+  auto w = Watcher::start(*runtime, pub, std::move(driver), std::move(o),
                           rec ? rec->on_publish() : dynup::PublishCallback{},
                           rec ? rec->on_error() : dynup::ErrorCallback{});
   if (w && rec) rec->status_of([p = w->get()] { return p->status(); });
@@ -628,7 +613,7 @@ TEST_CASE("consul watch: the token travels only in the X-Consul-Token header") {
   CHECK_FALSE(contains(st.source, token));
   CHECK_FALSE(contains(st.last_error, token));
   CHECK_FALSE(contains(st.to_json().dump(), token));
-  CHECK_FALSE(contains(w->source().describe(), token));
+  CHECK_FALSE(contains(w->driver().describe(), token));
   for (const auto& e : rec.errors()) CHECK_FALSE(contains(e, token));
 }
 

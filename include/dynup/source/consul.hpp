@@ -437,6 +437,24 @@ public:
   }
 
   Mode mode() const noexcept { return mode_; }
+  /// The service name (health, catalog) or the KV prefix as given (kv).
+  const std::string& name() const noexcept { return name_; }
+  /// kv: the folder listed, "<prefix>/".
+  std::string folder() const { return mode_ == Mode::kv ? kv_folder() : std::string(); }
+  /// The query parameters every request of this source shares with the cluster-wide
+  /// requests of the same agent (dc and consistency), encoded, without '?'.
+  std::string scope_params() const {
+    std::vector<std::string> params;
+    if (!dc_.empty()) params.push_back("dc=" + detail::url_escape(dc_));
+    if (consistency_ == Consistency::stale) params.push_back("stale");
+    if (consistency_ == Consistency::consistent) params.push_back("consistent");
+    std::string out;
+    for (const auto& p : params) out += (out.empty() ? "" : "&") + p;
+    return out;
+  }
+  /// The ACL token, for the X-Consul-Token header of requests made for this source and
+  /// nothing else: never log or quote it.
+  const std::string& token() const noexcept { return token_; }
   /// The agent's address, for the transport.
   const std::string& host() const noexcept { return host_; }
   std::uint16_t port() const noexcept { return port_; }

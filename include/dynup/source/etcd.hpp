@@ -363,6 +363,18 @@ public:
     return {"/v3/watch", nlohmann::json{{"create_request", create}}.dump()};
   }
 
+  /// A watch of the keys in [key, range_end) from `start_revision`, with progress
+  /// notifications: what one stream shared by many sources of one etcd asks for. An
+  /// empty key means the whole keyspace.
+  static EtcdRequest watch_range_request(const std::string& key, const std::string& range_end,
+                                         std::int64_t start_revision) {
+    nlohmann::json create{{"key", detail::base64_encode(key.empty() ? std::string(1, '\0') : key)},
+                          {"range_end", detail::base64_encode(key.empty() ? std::string(1, '\0') : range_end)}};
+    create["start_revision"] = std::to_string(start_revision);
+    create["progress_notify"] = true;
+    return {"/v3/watch", nlohmann::json{{"create_request", create}}.dump()};
+  }
+
   /// Decodes a range reply. An HTTP error is Errc::unavailable (unsupported for a 404:
   /// no /v3 gateway there) with etcd's message; a malformed body is Errc::parse_error.
   static Result<EtcdRange> decode_range(int status, std::string_view body) {
@@ -482,6 +494,9 @@ public:
     p.tags.erase(std::unique(p.tags.begin(), p.tags.end()), p.tags.end());
     return p;
   }
+
+  /// Whether `key` is one this source reads (under the prefix, or the document's key).
+  bool covers(const std::string& key) const { return watches(key); }
 
 private:
   EtcdSource() = default;

@@ -2,8 +2,8 @@
 // that serves it, so an embedder watches file://, consul:// and etcd:// alike.
 //
 //   file:///etc/dynup/api.json                 → FileWatcher
-//   consul://127.0.0.1:8500/health/api?tag=v2  → BlockingWatcher<ConsulSource>
-//   etcd://127.0.0.1:2379/upstreams/api/       → EtcdWatcher
+//   consul://127.0.0.1:8500/health/api?tag=v2  → RegistryWatcher + ConsulDriver (runtime)
+//   etcd://127.0.0.1:2379/upstreams/api/       → RegistryWatcher + EtcdDriver (runtime)
 //   push://                                    → PushWatcher (sets come from push())
 #pragma once
 
@@ -13,10 +13,14 @@
 #include <dynup/source/etcd.hpp>
 #include <dynup/source/spec.hpp>
 #include <dynup/version.hpp>
+#include <dynup/runtime/runtime.hpp>
+#include <dynup/watch/consul_watch.hpp>
 #include <dynup/watch/core.hpp>
+#include <dynup/watch/etcd_watch.hpp>
 #include <dynup/watch/etcd_watcher.hpp>
 #include <dynup/watch/file_watcher.hpp>
 #include <dynup/watch/push_watcher.hpp>
+#include <dynup/watch/registry_watcher.hpp>
 #include <dynup/watch/status.hpp>
 #include <dynup/watch/transport.hpp>
 #include <dynup/watch/watcher.hpp>
@@ -213,16 +217,16 @@ public:
   /// Starts the watcher `spec` names, publishing into `publisher` (which must outlive
   /// it). With `options.initial` = wait (the default) returns once the first read or
   /// fetch is done; with background, a consul:// or etcd:// watcher returns at once
-  /// serving the last-known-good snapshot (stale) or nothing, and fetches on its thread.
-  /// Otherwise the same guarantees as the
-  /// concrete watcher's start: FileWatcher's constructor, BlockingWatcher::start with an
-  /// HttplibTransport to the Consul agent, EtcdWatcher::start. Errors: a bad spec is the
+  /// serving the last-known-good snapshot (stale) or nothing, and fetches on the
+  /// process runtime's loop. Otherwise the same guarantees as the concrete watcher's start: FileWatcher's constructor, RegistryWatcher::start with a
+  /// ConsulDriver or an EtcdDriver on the process runtime. Errors: a bad spec is the
   /// source's own error, naming the spec (a Consul token is never quoted); an unknown
   /// scheme is Errc::unsupported, listing the supported ones; an option the source cannot
   /// honour (or strong_dependency with initial background) is Errc::invalid_argument,
   /// naming it; a failed first fetch with
   /// strong_dependency is that fetch's error; a thread or descriptor the system refuses
-  /// is Errc::io_error. Callbacks run on the watcher's thread (the first on the caller's).
+  /// is Errc::io_error. Callbacks of consul:// and etcd:// watchers run on the runtime's
+  /// loop thread, which every watcher of the process shares: they must not block.
   static Result<Watcher> start(Publisher& publisher, std::string_view spec, AnyWatchOptions options = {},
                                PublishCallback on_publish = {}, ErrorCallback on_error = {}) {
     auto prepared = detail::prepare_source(spec, options);
@@ -295,21 +299,23 @@ private:
 
   static Result<Watcher> launch(Publisher& publisher, ConsulSource source, const AnyWatchOptions& options,
                                 PublishCallback& on_publish, ErrorCallback& on_error) {
-    auto transport = std::make_unique<HttplibTransport>(source.host(), source.port());
-    return adopt(source.describe(), [&] {
-      return BlockingWatcher<ConsulSource>::start(publisher, std::move(source), std::move(transport),
-                                                  static_cast<const WatchOptions&>(options),
-                                                  std::move(on_publish), std::move(on_error));
+    auto runtime = rt::Runtime::acquire();
+    if (!runtime) return runtime.error().with_context(source.describe());
+    auto driver = std::make_unique<detail::ConsulDriver>(*runtime, std::move(source));
+    return adopt(driver->describe(), [&] {
+      return RegistryWatcher::start(*runtime, publisher, std::move(driver), static_cast<const WatchOptions&>(options),
+                                    std::move(on_publish), std::move(on_error));
     });
   }
 
   static Result<Watcher> launch(Publisher& publisher, EtcdSource source, const AnyWatchOptions& options,
                                 PublishCallback& on_publish, ErrorCallback& on_error) {
-    auto transport = std::make_unique<HttplibTransport>(source.host(), source.port());
-    return adopt(source.describe(), [&] {
-      return EtcdWatcher::start(publisher, std::move(source), std::move(transport),
-                                static_cast<const WatchOptions&>(options), std::move(on_publish),
-                                std::move(on_error));
+    auto runtime = rt::Runtime::acquire();
+    if (!runtime) return runtime.error().with_context(source.describe());
+    auto driver = std::make_unique<detail::EtcdDriver>(*runtime, std::move(source));
+    return adopt(driver->describe(), [&] {
+      return RegistryWatcher::start(*runtime, publisher, std::move(driver), static_cast<const WatchOptions&>(options),
+                                    std::move(on_publish), std::move(on_error));
     });
   }
 
