@@ -1,11 +1,13 @@
-// EtcdWatcher against a real etcd (3.4, JSON gateway). etcd is not optional: without it
+// EtcdDriver run by RegistryWatcher against a real etcd (3.4, JSON gateway). etcd is not optional: without it
 // every case here fails and says how to install it.
 #include <support/etcd.hpp>
 #include <support/temp_dir.hpp>
 #include <support/wait.hpp>
 
 #include <dynup/source/etcd.hpp>
-#include <dynup/watch/etcd_watcher.hpp>
+#include <dynup/runtime/runtime.hpp>
+#include <dynup/watch/etcd_watch.hpp>
+#include <dynup/watch/registry_watcher.hpp>
 
 #include <doctest/doctest.h>
 
@@ -42,38 +44,11 @@ Etcd& shared_etcd() {
   return etcd;
 }
 
-// What the watcher's transport did, observed from the test thread.
+// What the watcher and its etcd's shared stream did, observed from the test thread.
 struct Probe {
   std::atomic<int> sends{0};   // ranges
   std::atomic<int> streams{0}; // watches opened
-  std::atomic<bool> streaming{false};
-  std::function<void()> before_first_stream; // runs on the watcher's thread
-};
-
-// The default transport, counting calls and able to stall the first watch.
-class ProbeTransport final : public dynup::Transport {
-public:
-  ProbeTransport(std::uint16_t port, std::shared_ptr<Probe> probe) : inner_("127.0.0.1", port), probe_(std::move(probe)) {}
-
-  dynup::Result<dynup::HttpResponse> send(const dynup::HttpRequest& req) override {
-    ++probe_->sends;
-    return inner_.send(req);
-  }
-  dynup::Result<dynup::HttpResponse> stream(const dynup::HttpRequest& req,
-                                            const std::function<bool(std::string_view)>& on_body) override {
-    if (++probe_->streams == 1 && probe_->before_first_stream) probe_->before_first_stream();
-    auto r = inner_.stream(req, [&](std::string_view bytes) {
-      probe_->streaming = true;
-      return on_body(bytes);
-    });
-    probe_->streaming = false;
-    return r;
-  }
-  void cancel() noexcept override { inner_.cancel(); }
-
-private:
-  dynup::HttplibTransport inner_;
-  std::shared_ptr<Probe> probe_;
+  std::function<void()> before_first_stream; // runs on the runtime's loop thread
 };
 
 // A publisher, a watcher on it, and what the callbacks saw.
@@ -81,9 +56,14 @@ class Harness {
 public:
   dynup::Publisher publisher;
   std::shared_ptr<Probe> probe = std::make_shared<Probe>();
-  std::unique_ptr<dynup::EtcdWatcher> watcher;
+  std::shared_ptr<dynup::rt::Runtime> runtime;
+  std::unique_ptr<dynup::RegistryWatcher> watcher;
 
-  Harness() = default;
+  Harness() {
+    auto rt = dynup::rt::Runtime::acquire();
+    REQUIRE(rt);
+    runtime = *rt;
+  }
   ~Harness() {
     if (watcher) watcher->stop(); // before the callbacks' state below goes away
   }
@@ -98,16 +78,30 @@ public:
     return o;
   }
 
+  /// Whether the shared stream of the watched etcd is open and confirmed.
+  bool streaming() {
+    bool open = false;
+    runtime->loop().run_sync([&] { open = runtime->service<dynup::EtcdHubs>().at(endpoint_).streaming(); });
+    return open;
+  }
+
   /// Starts the watcher; returns the error start() gave, if any.
   std::optional<dynup::Error> start(const std::string& spec, dynup::WatchOptions options = fast()) {
     auto source = dynup::EtcdSource::from_spec(spec);
     REQUIRE_MESSAGE(source.ok(), source.error().message());
-    auto w = dynup::EtcdWatcher::start(
-        publisher, *source, std::make_unique<ProbeTransport>(source->port(), probe), std::move(options), {},
-        [this](const dynup::Error& e) {
-          std::lock_guard<std::mutex> lock(mu_);
-          errors_.push_back(e.message());
-        });
+    endpoint_ = dynup::rt::HttpEndpoint{source->host(), source->port(), false};
+    runtime->loop().run_sync([&] {
+      runtime->service<dynup::EtcdHubs>().at(endpoint_).tap([probe = probe](const dynup::HttpRequest&) {
+        if (++probe->streams == 1 && probe->before_first_stream) probe->before_first_stream();
+      });
+    });
+    auto driver = std::make_unique<dynup::detail::EtcdDriver>(
+        runtime, *source, [probe = probe](const dynup::HttpRequest&) { ++probe->sends; });
+    auto w = dynup::RegistryWatcher::start(runtime, publisher, std::move(driver), std::move(options), {},
+                                           [this](const dynup::Error& e) {
+                                             std::lock_guard<std::mutex> lock(mu_);
+                                             errors_.push_back(e.message());
+                                           });
     if (!w) return w.error();
     watcher = std::move(w).value();
     return std::nullopt;
@@ -136,6 +130,7 @@ public:
   }
 
 private:
+  dynup::rt::HttpEndpoint endpoint_;
   mutable std::mutex mu_;
   std::vector<std::string> errors_;
   mutable dynup::Snapshot snapshot_;
@@ -309,7 +304,7 @@ TEST_CASE("etcd: after etcd restarts the watcher backs off, reconnects, re-range
   etcd.put(p + "web-1", "10.0.0.1:80");
   Harness h;
   REQUIRE_FALSE(h.start(etcd.spec(p)));
-  REQUIRE(wait_until([&] { return h.probe->streaming.load(); }, change_timeout));
+  REQUIRE(wait_until([&] { return h.streaming(); }, change_timeout));
 
   etcd.stop();
   REQUIRE(wait_until([&] { return h.watcher->status().consecutive_failures >= 2; }, change_timeout));
@@ -323,7 +318,7 @@ TEST_CASE("etcd: after etcd restarts the watcher backs off, reconnects, re-range
   REQUIRE_IDS(h, "web-1", "web-2");
   REQUIRE(wait_until([&] { return h.watcher->status().consecutive_failures == 0; }, change_timeout));
   CHECK(h.probe->sends > ranges_before);
-  REQUIRE(wait_until([&] { return h.probe->streaming.load(); }, change_timeout));
+  REQUIRE(wait_until([&] { return h.streaming(); }, change_timeout));
 
   int ranges_after = h.probe->sends;
   etcd.del(p + "web-1");
@@ -341,7 +336,7 @@ TEST_CASE("etcd: stop() returns promptly with a watch stream open") {
   auto o = Harness::fast();
   o.wait = std::chrono::minutes(10);
   REQUIRE_FALSE(h.start(etcd.spec(p), o));
-  REQUIRE(wait_until([&] { return h.probe->streaming.load(); }, change_timeout));
+  REQUIRE(wait_until([&] { return h.streaming(); }, change_timeout));
   std::this_thread::sleep_for(50ms);
 
   auto t0 = std::chrono::steady_clock::now();
@@ -350,7 +345,7 @@ TEST_CASE("etcd: stop() returns promptly with a watch stream open") {
   MESSAGE("stop() took " << std::chrono::duration_cast<std::chrono::microseconds>(took).count() << " us");
   CHECK(took < 500ms);
   h.watcher->stop(); // idempotent
-  CHECK_FALSE(h.probe->streaming);
+  CHECK_FALSE(h.streaming());
 }
 
 TEST_CASE("etcd: when etcd is down at start the last-known-good snapshot is served, then replaced") {

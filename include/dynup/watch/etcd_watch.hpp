@@ -93,6 +93,8 @@ public:
   /// Streams opened since the start.
   std::uint64_t streams_opened() const noexcept { return opened_; }
   bool open() const noexcept { return open_; }
+  /// A stream is open and etcd confirmed its watch.
+  bool streaming() const noexcept { return open_ && created_; }
 
 private:
   // The longest common prefix of every source's keys: the stream's range.
