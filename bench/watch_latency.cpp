@@ -9,10 +9,11 @@
 #include <dynup/publisher.hpp>
 #include <dynup/source/consul.hpp>
 #include <dynup/source/etcd.hpp>
-#include <dynup/watch/etcd_watcher.hpp>
+#include <dynup/runtime/runtime.hpp>
+#include <dynup/watch/consul_watch.hpp>
+#include <dynup/watch/etcd_watch.hpp>
 #include <dynup/watch/file_watcher.hpp>
-#include <dynup/watch/transport.hpp>
-#include <dynup/watch/watcher.hpp>
+#include <dynup/watch/registry_watcher.hpp>
 
 #include <support/consul_double.hpp>
 #include <support/etcd.hpp>
@@ -195,15 +196,19 @@ std::vector<dynup_test::ConsulInstance> consul_instances(std::size_t change) {
   return out;
 }
 
-using ConsulWatcher = dynup::BlockingWatcher<dynup::ConsulSource>;
+std::shared_ptr<dynup::rt::Runtime> runtime() {
+  auto rt = dynup::rt::Runtime::acquire();
+  if (!rt) throw std::runtime_error(rt.error().message());
+  return *rt;
+}
 
-std::unique_ptr<ConsulWatcher> start_consul(dynup_test::ConsulDouble& d, dynup::Publisher& pub,
-                                            dynup::PublishCallback on_publish) {
+std::unique_ptr<dynup::RegistryWatcher> start_consul(dynup_test::ConsulDouble& d, dynup::Publisher& pub,
+                                                     dynup::PublishCallback on_publish) {
   auto src = dynup::ConsulSource::from_spec(d.spec("/health/api"));
   if (!src) throw std::runtime_error(src.error().message());
-  auto transport = std::make_unique<dynup::HttplibTransport>(src->host(), src->port());
-  auto w = ConsulWatcher::start(pub, std::move(src).value(), std::move(transport), dynup::WatchOptions{},
-                                std::move(on_publish));
+  auto rt = runtime();
+  auto driver = std::make_unique<dynup::detail::ConsulDriver>(rt, std::move(src).value());
+  auto w = dynup::RegistryWatcher::start(rt, pub, std::move(driver), dynup::WatchOptions{}, std::move(on_publish));
   if (!w) throw std::runtime_error(w.error().message());
   return std::move(w).value();
 }
@@ -275,50 +280,38 @@ private:
   httplib::Client client_;
 };
 
-// When a watcher's first watch stream got its first bytes (etcd's "created" reply), and
-// how long after the request that was. The flag is read by the driving thread; the
-// times are read after stop() has joined the watcher's thread.
+// When the first watch stream of a watcher's etcd was asked for, and how long until etcd
+// confirmed it (polled every millisecond: the figure is that coarse).
 struct WatchOpening {
-  std::atomic<bool> created{false};
+  std::atomic<std::int64_t> sent_us{0};
   std::vector<std::int64_t>* open_us = nullptr;
 };
 
-// The default transport, observed: records the first stream's opening.
-class OpeningTransport final : public dynup::Transport {
-public:
-  OpeningTransport(std::uint16_t port, WatchOpening& opening) : inner_("127.0.0.1", port), opening_(opening) {}
-  dynup::Result<dynup::HttpResponse> send(const dynup::HttpRequest& req) override { return inner_.send(req); }
-  dynup::Result<dynup::HttpResponse> stream(const dynup::HttpRequest& req,
-                                            const std::function<bool(std::string_view)>& on_body) override {
-    auto sent = Clock::now();
-    return inner_.stream(req, [&](std::string_view bytes) {
-      if (!opening_.created.load()) {
-        opening_.open_us->push_back(micros(Clock::now() - sent));
-        opening_.created.store(true);
-      }
-      return on_body(bytes);
-    });
-  }
-  void cancel() noexcept override { inner_.cancel(); }
-
-private:
-  dynup::HttplibTransport inner_;
-  WatchOpening& opening_;
-};
-
-// Starts a watcher and returns once its watch stream is open on the server. `opening`
-// must outlive the watcher.
-std::unique_ptr<dynup::EtcdWatcher> start_etcd(dynup_test::Etcd& etcd, const std::string& prefix,
-                                               dynup::Publisher& pub, dynup::PublishCallback on_publish,
-                                               WatchOpening& opening) {
+// Starts a watcher and returns once its etcd's shared watch stream is open on the server.
+// `opening` must outlive the watcher.
+std::unique_ptr<dynup::RegistryWatcher> start_etcd(dynup_test::Etcd& etcd, const std::string& prefix,
+                                                   dynup::Publisher& pub, dynup::PublishCallback on_publish,
+                                                   WatchOpening& opening) {
   auto src = dynup::EtcdSource::from_spec(etcd.spec(prefix));
   if (!src) throw std::runtime_error(src.error().message());
-  auto transport = std::make_unique<OpeningTransport>(src->port(), opening);
-  auto w = dynup::EtcdWatcher::start(pub, std::move(src).value(), std::move(transport), dynup::WatchOptions{},
-                                     std::move(on_publish));
+  auto rt = runtime();
+  const dynup::rt::HttpEndpoint at{src->host(), src->port(), false};
+  auto epoch = Clock::now();
+  rt->loop().run_sync([&] {
+    rt->service<dynup::EtcdHubs>().at(at).tap([&opening, epoch](const dynup::HttpRequest&) {
+      if (opening.sent_us.load() == 0) opening.sent_us.store(std::max<std::int64_t>(1, micros(Clock::now() - epoch)));
+    });
+  });
+  auto driver = std::make_unique<dynup::detail::EtcdDriver>(rt, std::move(src).value());
+  auto w = dynup::RegistryWatcher::start(rt, pub, std::move(driver), dynup::WatchOptions{}, std::move(on_publish));
   if (!w) throw std::runtime_error(w.error().message());
-  if (!dynup_test::wait_until([&] { return opening.created.load(); }))
-    throw std::runtime_error("the etcd watch stream never opened");
+  auto streaming = [&] {
+    bool open = false;
+    rt->loop().run_sync([&] { open = rt->service<dynup::EtcdHubs>().at(at).streaming(); });
+    return open;
+  };
+  if (!dynup_test::wait_until(streaming)) throw std::runtime_error("the etcd watch stream never opened");
+  opening.open_us->push_back(micros(Clock::now() - epoch) - opening.sent_us.load());
   return std::move(w).value();
 }
 

@@ -1,3 +1,4 @@
+#include <dynup/peer_json.hpp>
 #include <dynup/source/consul.hpp>
 
 #include <support/text.hpp>

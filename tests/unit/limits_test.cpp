@@ -4,7 +4,8 @@
 #include <dynup/peer_set.hpp>
 #include <dynup/upstream_config.hpp>
 #include <dynup/watch/guard.hpp>
-#include <dynup/watch/transport.hpp>
+#include <dynup/runtime/http.hpp>
+#include <dynup/runtime/runtime.hpp>
 
 #include <support/text.hpp>
 
@@ -12,6 +13,7 @@
 #include <httplib.h>
 
 #include <chrono>
+#include <future>
 #include <string>
 #include <thread>
 #include <vector>
@@ -162,7 +164,7 @@ TEST_CASE("limits: guards.max_peers refuses a larger set, and the config checks 
   CHECK(contains(bad.error().message(), "upstream.guards.max_peers"));
 }
 
-TEST_CASE("limits: the HTTP transport refuses a body past max_body_bytes and keeps working") {
+TEST_CASE("limits: the HTTP client refuses a body past max_response_bytes and keeps working") {
   httplib::Server server;
   server.Get("/big", [](const httplib::Request&, httplib::Response& r) {
     r.set_content(std::string(200000, 'x'), "application/json");
@@ -182,31 +184,48 @@ TEST_CASE("limits: the HTTP transport refuses a body past max_body_bytes and kee
   REQUIRE(port > 0);
   std::thread serving([&] { server.listen_after_bind(); });
 
-  dynup::HttpTransportOptions options;
-  options.max_body_bytes = 100000;
-  dynup::HttplibTransport t("127.0.0.1", static_cast<std::uint16_t>(port), options);
+  auto runtime = dynup::rt::Runtime::acquire();
+  REQUIRE(runtime);
+  dynup::rt::Runtime& rt = **runtime;
+  auto& client = rt.service<dynup::rt::HttpClient>();
+  const dynup::rt::HttpEndpoint at{"127.0.0.1", static_cast<std::uint16_t>(port), false};
+  auto limit = [&](std::size_t bytes) {
+    rt.loop().run_sync([&] {
+      dynup::rt::HttpClientOptions o;
+      o.max_response_bytes = bytes;
+      client.configure(o);
+    });
+  };
+  auto send = [&](const dynup::HttpRequest& req) {
+    std::promise<dynup::Result<dynup::HttpResponse>> answer;
+    auto got = answer.get_future();
+    rt.loop().post([&] { client.send(at, req, [&](dynup::Result<dynup::HttpResponse> r) { answer.set_value(std::move(r)); }); });
+    return got.get();
+  };
+  limit(100000);
   dynup::HttpRequest req;
   req.method = "GET";
   req.read_timeout = std::chrono::milliseconds(5000);
   for (const char* path : {"/big", "/chunked"}) {
     req.target = std::string(path) + "?token=secret";
-    auto r = t.send(req);
+    auto r = send(req);
     REQUIRE_FALSE(r);
     CHECK(r.error().code() == Errc::too_large);
-    CHECK(contains(r.error().message(), std::string("GET ") + path + ": the response body exceeds 100000 bytes"));
+    CHECK(contains(r.error().message(), std::string("GET ") + path));
+    CHECK(contains(r.error().message(), "the response body exceeds 100000 bytes"));
     CHECK_FALSE(contains(r.error().message(), "secret"));
-    req.target = "/small"; // the transport still works after refusing
-    auto small = t.send(req);
+    req.target = "/small"; // the client still works after refusing
+    auto small = send(req);
     REQUIRE(small);
     CHECK(small.value().status == 200);
     CHECK(small.value().body == "[]");
   }
-  options.max_body_bytes = 200000; // exactly the body: accepted
-  dynup::HttplibTransport exact("127.0.0.1", static_cast<std::uint16_t>(port), options);
+  limit(200000); // exactly the body: accepted
   req.target = "/big";
-  auto r = exact.send(req);
+  auto r = send(req);
   REQUIRE(r);
   CHECK(r.value().body.size() == 200000);
+  limit(dynup::rt::HttpClientOptions{}.max_response_bytes);
   server.stop();
   serving.join();
 }

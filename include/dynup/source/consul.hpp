@@ -1,5 +1,5 @@
 // The Consul source: builds blocking-query requests and decodes Consul's replies into
-// peers. No I/O of its own; BlockingWatcher<ConsulSource> runs the loop.
+// peers. No I/O of its own; ConsulDriver (watch/consul_watch.hpp) runs the loop.
 //
 //   consul://host:port/health/<service>?tag=v2&dc=dc1&passing=0&stale=1&token_env=CONSUL_TOKEN
 //   consul://host:port/catalog/<service>
@@ -49,8 +49,7 @@
 #include <dynup/result.hpp>
 #include <dynup/source/spec.hpp>
 #include <dynup/version.hpp>
-#include <dynup/watch/transport.hpp>
-#include <dynup/watch/watcher.hpp>
+#include <dynup/runtime/http_message.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -72,6 +71,14 @@
 #endif
 
 DYNUP_NAMESPACE_BEGIN
+
+/// A decoded reply: the peers it lists and the index it carries (0 when it had none).
+struct Decoded {
+  PeerSet set;
+  std::uint64_t index = 0;
+  /// Entries left out with the reason (an invalid KV value, say); the rest is published.
+  std::vector<std::string> skipped;
+};
 
 namespace detail {
 
@@ -201,7 +208,7 @@ inline std::string quote_body(std::string_view body, const std::string& secret) 
 
 /// A Consul source: a request builder and decoder for health, catalog or KV listings.
 ///
-/// Satisfies BlockingWatcher's Source concept. Immutable after from_spec(), so one
+/// Immutable after from_spec(), so one
 /// object may be used from any number of threads. request() and decode() do no I/O;
 /// decode() never throws on bad input (garbage is an Errc::parse_error) and is O(n) in
 /// the reply plus O(p log p) to sort its p peers. The token appears only in the

@@ -1,6 +1,6 @@
 // The etcd v3 source: request builders and decoders for etcd's JSON gateway (etcd 3.4+,
-// POST /v3/kv/range and the streaming POST /v3/watch). No I/O of its own; EtcdWatcher
-// (watch/etcd_watcher.hpp) runs the loop. docs/WATCHERS.md has the operator's view.
+// POST /v3/kv/range and the streaming POST /v3/watch). No I/O of its own; EtcdDriver
+// (watch/etcd_watch.hpp) runs the loop. docs/WATCHERS.md has the operator's view.
 //
 //   etcd://host:port/upstreams/api/                     layout=keys (the default)
 //   etcd://host:port/upstreams/api.json?layout=document

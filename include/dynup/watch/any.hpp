@@ -17,13 +17,10 @@
 #include <dynup/watch/consul_watch.hpp>
 #include <dynup/watch/core.hpp>
 #include <dynup/watch/etcd_watch.hpp>
-#include <dynup/watch/etcd_watcher.hpp>
 #include <dynup/watch/file_watcher.hpp>
 #include <dynup/watch/push_watcher.hpp>
 #include <dynup/watch/registry_watcher.hpp>
 #include <dynup/watch/status.hpp>
-#include <dynup/watch/transport.hpp>
-#include <dynup/watch/watcher.hpp>
 
 #include <chrono>
 #include <memory>
@@ -245,7 +242,7 @@ public:
     return check_initial(options, detail::prepared_name(*prepared));
   }
 
-  /// Adopts a watcher built by hand (a BlockingWatcher with a transport of one's own,
+  /// Adopts a watcher built by hand (a RegistryWatcher with a driver of one's own,
   /// say): anything with `WatcherStatus status() const` and `void stop() noexcept`.
   template <class W>
   explicit Watcher(std::unique_ptr<W> concrete)
