@@ -30,6 +30,7 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cerrno>
 #include <chrono>
@@ -993,9 +994,6 @@ private:
         ++conns_->refused;
         cap = conns_->cap;
       }
-      // The answer is still written; the read after it sees EOF and the server closes.
-      int fd = connection_fd(req);
-      if (fd >= 0) ::shutdown(fd, SHUT_RD);
       res.set_header("Connection", "close");
       plain(res, 429,
             "Too Many Requests: more than " + std::to_string(cap) + " connections from " + req.remote_addr);
@@ -1004,7 +1002,9 @@ private:
     // Consul's Go server disables Nagle (Go's default for TCP): without this every held
     // answer would sit ~40 ms behind the client's delayed ACK.
     server->set_tcp_nodelay(true);
-    server->set_socket_options([](int sock) {
+    auto listener_fd = std::make_shared<std::atomic<int>>(-1); // the callback outlives start()
+    server->set_socket_options([listener_fd](int sock) {
+      listener_fd->store(sock);
       int yes = 1;
       ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
       ::setsockopt(sock, SOL_SOCKET, SO_REUSEPORT, &yes, sizeof yes);
@@ -1013,6 +1013,14 @@ private:
                 [this](const httplib::Request& q, httplib::Response& r) { serve(Kind::health, q, r); });
     server->Get(R"(/v1/catalog/service/([^/?]+))",
                 [this](const httplib::Request& q, httplib::Response& r) { serve(Kind::catalog, q, r); });
+    // httplib calls the logger once the answer is written: the connection of a 429 is
+    // closed there (its next read sees the shutdown and httplib closes the socket).
+    server->set_logger([this](const httplib::Request& req, const httplib::Response&) {
+      detail::ConnectionContext* c = detail::current_connection();
+      if (!c || !c->over_cap) return;
+      int fd = connection_fd(req);
+      if (fd >= 0) ::shutdown(fd, SHUT_RDWR);
+    });
     server->Get("/v1/catalog/services",
                 [this](const httplib::Request& q, httplib::Response& r) { serve(Kind::catalog_services, q, r); });
     server->Get(R"(/v1/health/state/([^/?]+))",
@@ -1036,6 +1044,9 @@ private:
       }
     }
     if (bound <= 0) throw std::runtime_error("ConsulDouble: cannot listen on 127.0.0.1:" + std::to_string(port));
+    // httplib listens with a backlog of 5; an agent (Go) uses the system's maximum.
+    // With 5, a burst of connects overflows the queue and waits out SYN-ACK backoff.
+    if (int fd = listener_fd->load(); fd >= 0) ::listen(fd, SOMAXCONN);
     httplib::Server* raw = server.get();
     {
       std::lock_guard<std::mutex> lock(mu_);
