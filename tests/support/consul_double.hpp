@@ -530,7 +530,14 @@ public:
   /// Throws std::logic_error when the service has no instance `instance_id`.
   void set_instance_checks(const std::string& service, const std::string& instance_id,
                            std::vector<std::string> statuses) {
-    change([&] { apply_instance_checks(service, instance_id, std::move(statuses)); });
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = services_.find(service);
+    if (it == services_.end() || std::none_of(it->second.instances.begin(), it->second.instances.end(),
+                                              [&](const ConsulInstance& i) { return i.id == instance_id; }))
+      throw std::logic_error("ConsulDouble: no instance " + instance_id + " of " + service);
+    ++index_;
+    apply_instance_checks(service, instance_id, std::move(statuses));
+    cv_.notify_all();
   }
 
   /// Sets a node-level check (serfHealth by default: the agent's liveness) on `node`.
@@ -1233,10 +1240,11 @@ private:
       if (!states.count(std::string(req.matches[1]))) return plain(res, 400, "Invalid state");
       // Consul compiles the filter before it blocks: a bad one is a 400 at once.
       std::string error;
-      if (req.has_param("filter") && !detail::Filter::parse(req.get_param_value("filter"), error, &check_fields()))
+      if (!req.get_param_value("filter").empty() &&
+          !detail::Filter::parse(req.get_param_value("filter"), error, &check_fields()))
         return plain(res, 400, "Failed to create boolean expression evaluator: " + error);
     }
-    if (kind == Kind::catalog_services && req.has_param("filter"))
+    if (kind == Kind::catalog_services && !req.get_param_value("filter").empty())
       return plain(res, 400, "the protocol double does not filter /v1/catalog/services");
 
     std::uint64_t min_index = 0;
@@ -1413,7 +1421,8 @@ private:
     std::string state = std::string(req.matches[1]);
     std::optional<detail::Filter> filter;
     std::string error;
-    if (req.has_param("filter")) filter = detail::Filter::parse(req.get_param_value("filter"), error, &check_fields());
+    if (!req.get_param_value("filter").empty()) // empty: no filter
+      filter = detail::Filter::parse(req.get_param_value("filter"), error, &check_fields());
     std::map<std::string, const CheckState*> all;
     for (const auto& [node, n] : nodes_)
       for (const auto& [id, c] : n.checks) all.emplace(check_key(node, id), &c);

@@ -327,6 +327,9 @@ TEST_CASE("consul double: health/state filter keeps the named services, or node 
   CHECK(names(R"(ServiceName == "" or ServiceName == "a")") == std::vector<std::string>{"serfHealth", "service:a-1"});
   CHECK(names(R"(ServiceName == "zzz")").empty());
   CHECK(names(R"((ServiceName == "a" or ServiceName == "b") and Status == "passing")").size() == 2);
+  CHECK(names(R"("a-1" in ServiceID or ServiceName == "b" and not Status == "passing")") ==
+        std::vector<std::string>{"service:a-1"});
+  CHECK(names("").size() == 4); // an empty filter is no filter
 }
 
 TEST_CASE("consul double: a health/state filter it cannot parse is a plain-text 400, before blocking") {
@@ -335,7 +338,7 @@ TEST_CASE("consul double: a health/state filter it cannot parse is a plain-text 
   httplib::Client c("127.0.0.1", d.port());
   const std::string index = std::to_string(d.checks_index());
   for (std::string bad : {R"(ServiceName = "a")", R"(ServiceName == "a" or)", R"(ServiceName == "a)",
-                          R"(Bogus == "a")", R"((ServiceName == "a")", R"(ServiceName ~ "a")", ""}) {
+                          R"(Bogus == "a")", R"((ServiceName == "a")", R"(ServiceName ~ "a")", R"("a" in)", R"(not)"}) {
     CAPTURE(bad);
     auto t0 = std::chrono::steady_clock::now();
     auto r = c.Get("/v1/health/state/any", httplib::Params{{"filter", bad}, {"index", index}, {"wait", "10s"}},
@@ -473,5 +476,7 @@ TEST_CASE("consul double: a batch registers, changes and removes a thousand serv
   CHECK(after.size() == 1000);
   CHECK_FALSE(after.contains("svc-8"));
   CHECK(after.contains("svc-1000"));
+  const auto unchanged = d.index();
   CHECK_THROWS_AS(d.set_instance_checks("svc-7", "nope", {"passing"}), std::logic_error);
+  CHECK(d.index() == unchanged);
 }
