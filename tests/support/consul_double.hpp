@@ -653,6 +653,7 @@ public:
       clamp(s.checks);
     }
     for (auto& [name, n] : nodes_) clamp(n.checks);
+    ++restores_;
     cv_.notify_all();
   }
 
@@ -1278,7 +1279,10 @@ private:
       if (jitter_ == ConsulJitter::random)
         jitter = std::chrono::milliseconds(std::uniform_int_distribution<std::int64_t>(0, (wait / 16).count())(rng_));
       auto deadline = std::chrono::steady_clock::now() + wait + jitter;
-      auto done = [&] { return closing_ || resource_index(kind, req) > min_index; };
+      // A snapshot restore abandons every blocking query (the state store closes its
+      // watches), so held requests return at once with the restored, lower index.
+      const std::uint64_t restores = restores_;
+      auto done = [&] { return closing_ || restores_ != restores || resource_index(kind, req) > min_index; };
       ++held_;
       while (!done() && std::chrono::steady_clock::now() < deadline) {
         cv_.wait_until(lock, std::min(deadline, std::chrono::steady_clock::now() + std::chrono::milliseconds(50)),
@@ -1613,6 +1617,7 @@ private:
   std::size_t held_ = 0;
   std::size_t faulted_ = 0;
   std::uint64_t releases_ = 0;
+  std::uint64_t restores_ = 0; ///< snapshot restores so far: each abandons held queries
 };
 
 /// One instance on `port` of `node`, with its own Service.Address (10.1.0.x).

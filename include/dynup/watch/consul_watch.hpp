@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -62,6 +63,8 @@ public:
   virtual void wake() = 0;
   /// The trigger this service relies on failed: changes may go unseen until it recovers.
   virtual void trigger_failed(const Error& e) = 0;
+  /// A connection is free for the read this service asked for (ConsulAgent::want_read).
+  virtual void read_granted() = 0;
 };
 
 /// One agent address: which services block on their own, and the triggers that watch
@@ -124,6 +127,22 @@ public:
     }
   }
 
+  /// Shared services read on the connections the direct services and the triggers
+  /// leave over (at least one); a read past them waits its turn, in order.
+  void want_read(ConsulMember* m) {
+    read_queue_.push_back(m);
+    pump();
+  }
+  /// The granted read ended (answered, failed or aborted).
+  void read_done() {
+    if (reads_ > 0) --reads_;
+    pump();
+  }
+  /// `m` no longer waits for a read.
+  void forget_read(ConsulMember* m) {
+    read_queue_.erase(std::remove(read_queue_.begin(), read_queue_.end(), m), read_queue_.end());
+  }
+
   unsigned budget() const noexcept { return budget_; }
   unsigned direct() const noexcept { return direct_; }
   /// Services watched through triggers.
@@ -164,6 +183,25 @@ private:
     Trigger checks{consul_cluster::Trigger::checks};
     Trigger kv{consul_cluster::Trigger::kv};
   };
+
+  unsigned read_slots() const {
+    unsigned triggers = 0;
+    for (const auto& [key, g] : groups_) {
+      (void)key;
+      triggers += unsigned(g->services.running) + unsigned(g->checks.running) + unsigned(g->kv.running);
+    }
+    unsigned used = direct_ + triggers;
+    return used + 1 > budget_ ? 1u : budget_ - used;
+  }
+
+  void pump() {
+    while (reads_ < read_slots() && !read_queue_.empty()) {
+      ConsulMember* m = read_queue_.front();
+      read_queue_.pop_front();
+      ++reads_;
+      m->read_granted();
+    }
+  }
 
   static ConsulMember* any_member(const Group& g) {
     for (const auto* set : {&g.health, &g.catalog, &g.kv_members})
@@ -223,15 +261,21 @@ private:
     issue(g, t);
   }
 
-  // The members changed what the trigger asks for: ask again soon (coalesced, so a
-  // thousand services joining at start restart it once), from the same index.
+  // The members changed what the trigger asks for. A KV folder that widened must be
+  // asked again (changes outside the old folder would not end the held query): soon,
+  // coalesced, so a thousand services joining restart it once. A new checks filter is
+  // used from the held query's answer on (see answered()): the checks index is
+  // cluster-wide, so that query returns on any change, the new services' included.
   void reconfigure(Group& g, Trigger& t) {
-    if (!t.running || t.timer != 0) return;
+    if (!t.running || t.kind != consul_cluster::Trigger::kv || t.timer != 0) return;
     t.timer = loop_.after(std::chrono::milliseconds(20), [this, &g, &t] {
       t.timer = 0;
       std::string arg = wanted_arg(g, t);
       if (arg == t.arg || !t.running) return;
       t.arg = std::move(arg);
+      t.index = 0; // the new folder's index is its own: read it plainly
+      t.index_from_server = false;
+      t.answered = false;
       if (t.call != 0) {
         http_.cancel(t.call);
         t.call = 0;
@@ -331,7 +375,18 @@ private:
           if (node_changed || changed.count(m->source().name()) != 0) m->wake();
       }
     }
-    if (t.kind == consul_cluster::Trigger::checks) t.digests = std::move(a->digests);
+    if (t.kind == consul_cluster::Trigger::checks) {
+      t.digests = std::move(a->digests);
+      std::string arg = wanted_arg(g, t);
+      if (arg != t.arg) {
+        // Services joined or left while the query was held: ask again with their names
+        // from the same index, so a change the held answer reported for a service not
+        // yet in its filter is seen (its digest is new, so it is woken).
+        t.arg = std::move(arg);
+        next(g, t, std::chrono::milliseconds(0));
+        return;
+      }
+    }
     t.index_from_server = got != 0 && got >= t.index;
     if (got == 0)
       t.index = 1;
@@ -349,6 +404,8 @@ private:
   unsigned direct_ = 0;
   std::set<ConsulMember*> direct_members_;
   std::map<std::string, std::unique_ptr<Group>> groups_;
+  std::deque<ConsulMember*> read_queue_;
+  unsigned reads_ = 0; ///< granted reads in flight
 };
 
 } // namespace detail
@@ -422,8 +479,35 @@ public:
     if (call_ != 0) http().cancel(call_);
     call_ = 0;
     waiting_ = nullptr;
-    if (joined_ && agent_) agent_->leave(this);
+    if (joined_ && agent_) {
+      if (read_end_) agent_->forget_read(this);
+      if (reading_) agent_->read_done();
+      agent_->leave(this);
+    }
+    read_end_ = nullptr;
+    reading_ = false;
     joined_ = false;
+  }
+
+  void read_granted() override {
+    End end = std::move(read_end_);
+    read_end_ = nullptr;
+    reading_ = true;
+    HttpRequest req = source_.request(0, wait());
+    req.read_timeout = consul_plain_timeout;
+    if (tap_) tap_(req);
+    call_ = http().send(endpoint_, req, [this, end = std::move(end)](Result<HttpResponse> res) {
+      call_ = 0;
+      reading_ = false;
+      agent_->read_done();
+      auto decoded = decode(res);
+      if (!decoded) return end(RoundEnd::failed(decoded.error()));
+      read_once_ = true;
+      std::uint64_t got = decoded->index;
+      core_->succeeded(got);
+      core_->offer(std::move(decoded).value().set.with_source_index(got));
+      end(RoundEnd::again());
+    });
   }
 
   void wake() override {
@@ -479,22 +563,12 @@ private:
     });
   }
 
-  // Shared: a plain read of the whole state; the publisher drops an unchanged set.
+  // Shared: a plain read of the whole state, when the agent grants a connection; the
+  // publisher drops an unchanged set.
   void read(End end) {
     dirty_ = false;
-    HttpRequest req = source_.request(0, wait());
-    req.read_timeout = consul_plain_timeout;
-    if (tap_) tap_(req);
-    call_ = http().send(endpoint_, req, [this, end = std::move(end)](Result<HttpResponse> res) {
-      call_ = 0;
-      auto decoded = decode(res);
-      if (!decoded) return end(RoundEnd::failed(decoded.error()));
-      read_once_ = true;
-      std::uint64_t got = decoded->index;
-      core_->succeeded(got);
-      core_->offer(std::move(decoded).value().set.with_source_index(got));
-      end(RoundEnd::again());
-    });
+    read_end_ = std::move(end);
+    agent_->want_read(this);
   }
 
   Result<Decoded> decode(const Result<HttpResponse>& res) {
@@ -516,6 +590,8 @@ private:
   bool read_once_ = false;
   bool dirty_ = false;
   End waiting_;
+  End read_end_;        // a read asked for, not yet granted
+  bool reading_ = false; // a granted read in flight
   rt::CallId call_ = 0;
   std::uint64_t index_ = 0;
   bool index_from_server_ = false;
