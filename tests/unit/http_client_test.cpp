@@ -524,3 +524,69 @@ TEST_CASE("http client: 500 concurrent calls all complete on the one loop thread
   CHECK(st.peak_connections <= 16);
   CHECK(st.requests == static_cast<std::uint64_t>(n));
 }
+
+TEST_CASE("http client: a name that does not resolve is unavailable, naming the host") {
+  Client c;
+  HttpEndpoint to{"dynup-test.invalid", 80, false}; // .invalid never resolves (RFC 6761)
+  auto r = c.call(to, get("/"));
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().code() == Errc::unavailable);
+  CHECK_MESSAGE(contains(r.error().message(), "dynup-test.invalid"), r.error().message());
+}
+
+TEST_CASE("http client: cancel from inside on_body ends the stream, and a send from there completes") {
+  TestServer server;
+  std::atomic<bool> stop{false};
+  server->Get("/watch", [&](const httplib::Request&, httplib::Response& res) {
+    res.set_chunked_content_provider("text/plain", [&](std::size_t, httplib::DataSink& sink) {
+      if (stop) return false;
+      std::this_thread::sleep_for(5ms);
+      return sink.write("e", 1);
+    });
+  });
+  server->Get("/range", [](const httplib::Request&, httplib::Response& res) { res.set_content("all", "text/plain"); });
+  auto to = server.start();
+  Client c;
+  std::atomic<int> pieces{0}, stream_done{0};
+  std::atomic<bool> range_ok{false};
+  dynup::rt::CallId id = 0;
+  c.rt->loop().run_sync([&] {
+    id = c.http.stream(
+        to, get("/watch", 5s),
+        [&](std::string_view) {
+          if (++pieces == 3) {
+            // What a watcher does on a compacted revision: drop the watch, fetch the range.
+            c.http.cancel(id);
+            c.http.send(to, get("/range"), [&](Result<HttpResponse> r) { range_ok = r && r->body == "all"; });
+          }
+          return true;
+        },
+        [&](Result<HttpResponse>) { ++stream_done; });
+  });
+  REQUIRE(wait_until([&] { return range_ok.load(); }));
+  CHECK(stays_true_for([&] { return pieces.load() == 3 && stream_done.load() == 0; }, 200ms));
+  stop = true;
+  std::size_t left = 1;
+  c.rt->loop().run_sync([&] { left = c.http.in_flight(); });
+  CHECK(left == 0);
+}
+
+TEST_CASE("http client: ending the runtime aborts calls in flight without running their callbacks") {
+  TestServer server;
+  Gate release;
+  std::atomic<bool> held{false};
+  server->Get("/hold", [&](const httplib::Request&, httplib::Response& res) {
+    held = true;
+    release.wait();
+    res.set_content("late", "text/plain");
+  });
+  auto to = server.start();
+  std::shared_ptr<Client::Outcome> out;
+  {
+    Client c;
+    out = c.send(to, get("/hold", 10s));
+    REQUIRE(wait_until([&] { return held.load(); }));
+  } // the last holder lets go: the client is destroyed on the loop's thread
+  release.open();
+  CHECK(stays_true_for([&] { return out->done_calls.load() == 0; }, 200ms));
+}
