@@ -1,11 +1,16 @@
 #include <dynup/runtime/http.hpp>
 
+#include "support/temp_dir.hpp"
 #include "support/wait.hpp"
 
 #include <doctest/doctest.h>
 #include <httplib.h>
 
 #include <netinet/in.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+#include <openssl/x509v3.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -151,6 +156,39 @@ std::uint16_t closed_port() {
   return ntohs(a.sin_port);
 }
 
+// Writes a self-signed certificate for IP 127.0.0.1 and its key as PEM files.
+void write_self_signed(const std::string& cert_path, const std::string& key_path) {
+  EVP_PKEY* key = EVP_RSA_gen(2048);
+  REQUIRE(key != nullptr);
+  X509* cert = X509_new();
+  X509_set_version(cert, 2);
+  ASN1_INTEGER_set(X509_get_serialNumber(cert), 1);
+  X509_gmtime_adj(X509_getm_notBefore(cert), -60);
+  X509_gmtime_adj(X509_getm_notAfter(cert), 3600);
+  X509_set_pubkey(cert, key);
+  X509_NAME* name = X509_get_subject_name(cert);
+  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC, reinterpret_cast<const unsigned char*>("127.0.0.1"), -1, -1, 0);
+  X509_set_issuer_name(cert, name);
+  X509V3_CTX ctx;
+  X509V3_set_ctx_nodb(&ctx);
+  X509V3_set_ctx(&ctx, cert, cert, nullptr, nullptr, 0);
+  X509_EXTENSION* san = X509V3_EXT_conf_nid(nullptr, &ctx, NID_subject_alt_name, "IP:127.0.0.1");
+  REQUIRE(san != nullptr);
+  X509_add_ext(cert, san, -1);
+  X509_EXTENSION_free(san);
+  REQUIRE(X509_sign(cert, key, EVP_sha256()) > 0);
+  FILE* f = std::fopen(cert_path.c_str(), "w");
+  REQUIRE(f != nullptr);
+  PEM_write_X509(f, cert);
+  std::fclose(f);
+  f = std::fopen(key_path.c_str(), "w");
+  REQUIRE(f != nullptr);
+  PEM_write_PrivateKey(f, key, nullptr, nullptr, 0, nullptr, nullptr);
+  std::fclose(f);
+  X509_free(cert);
+  EVP_PKEY_free(key);
+}
+
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
 } // namespace
@@ -178,6 +216,8 @@ TEST_CASE("http client: a GET sends its headers and returns status, headers (any
   auto st = c.stats(to);
   CHECK(st.requests == 1);
   CHECK(st.connects == 1);
+  CHECK(st.open_connections == 1); // kept alive for the next call
+  CHECK(st.peak_connections == 1);
   CHECK(st.failures == 0);
 }
 
@@ -496,6 +536,34 @@ TEST_CASE("http client: no socket is opened into the descriptor reserve") {
   CHECK_MESSAGE(ok.ok(), ok.error().message());
 }
 
+TEST_CASE("http client: EMFILE when opening a socket is an io_error saying so") {
+  Client c;
+  dynup::rt::HttpClientOptions o;
+  o.fd_reserve = 0; // let the kernel's limit, not the reserve, refuse
+  c.configure(o);
+  HttpEndpoint to{"127.0.0.1", closed_port(), false};
+  rlimit saved{};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
+  rlimit low = saved;
+  low.rlim_cur = std::min<rlim_t>(saved.rlim_cur, 512);
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+  std::vector<int> filler; // every descriptor left under the lowered limit
+  for (;;) {
+    int fd = ::dup(0);
+    if (fd < 0) break;
+    filler.push_back(fd);
+  }
+  auto out = c.send(to, get("/"));
+  bool answered = wait_until([&] { return out->ready(); });
+  for (int fd : filler) ::close(fd);
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &saved) == 0);
+  REQUIRE(answered);
+  std::lock_guard<std::mutex> lock(out->mu);
+  REQUIRE_FALSE(out->result->ok());
+  CHECK(out->result->error().code() == Errc::io_error);
+  CHECK_MESSAGE(contains(out->result->error().message(), "Too many open files"), out->result->error().message());
+}
+
 TEST_CASE("http client: 500 concurrent calls all complete on the one loop thread") {
   TestServer server(16);
   std::atomic<int> served{0};
@@ -589,4 +657,36 @@ TEST_CASE("http client: ending the runtime aborts calls in flight without runnin
   } // the last holder lets go: the client is destroyed on the loop's thread
   release.open();
   CHECK(stays_true_for([&] { return out->done_calls.load() == 0; }, 200ms));
+}
+
+TEST_CASE("http client: https verifies the server's certificate against ca_file, and refuses an unknown one") {
+  dynup_test::TempDir dir;
+  write_self_signed(dir.file("cert.pem"), dir.file("key.pem"));
+  httplib::SSLServer server(dir.file("cert.pem").c_str(), dir.file("key.pem").c_str());
+  REQUIRE(server.is_valid());
+  server.Get("/v1/status/leader", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content("\"10.0.0.1:8300\"", "application/json");
+  });
+  int port = server.bind_to_any_port("127.0.0.1");
+  REQUIRE(port > 0);
+  std::thread serving([&] { server.listen_after_bind(); });
+  REQUIRE(wait_until([&] { return server.is_running(); }));
+  HttpEndpoint to{"127.0.0.1", static_cast<std::uint16_t>(port), true};
+  {
+    Client c;
+    auto refused = c.call(to, get("/v1/status/leader")); // the system's CAs do not know it
+    REQUIRE_FALSE(refused.ok());
+    CHECK(refused.error().code() == Errc::unavailable);
+    CHECK_MESSAGE(contains(refused.error().message(), "certificate"), refused.error().message());
+
+    dynup::rt::HttpClientOptions o;
+    o.ca_file = dir.file("cert.pem");
+    c.configure(o);
+    auto r = c.call(to, get("/v1/status/leader"));
+    REQUIRE_MESSAGE(r.ok(), r.error().message());
+    CHECK(r->status == 200);
+    CHECK(r->body == "\"10.0.0.1:8300\"");
+  }
+  server.stop();
+  serving.join();
 }
