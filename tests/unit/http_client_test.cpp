@@ -23,6 +23,7 @@
 #include <mutex>
 #include <optional>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -689,4 +690,31 @@ TEST_CASE("http client: https verifies the server's certificate against ca_file,
   }
   server.stop();
   serving.join();
+}
+
+TEST_CASE("http client: a throwing callback ends only its own call") {
+  TestServer server;
+  server->Get("/ok", [](const httplib::Request&, httplib::Response& res) { res.set_content("ok", "text/plain"); });
+  auto to = server.start();
+  Client c;
+  std::atomic<int> answered{0};
+  std::optional<Result<HttpResponse>> streamed;
+  c.rt->loop().run_sync([&] {
+    c.http.stream(
+        to, get("/ok"), [](std::string_view) -> bool { throw std::runtime_error("decoder bug"); },
+        [&](Result<HttpResponse> r) {
+          streamed.emplace(std::move(r));
+          ++answered;
+        });
+    c.http.send(to, get("/ok"), [](Result<HttpResponse>) { throw std::runtime_error("handler bug"); });
+    c.http.send(to, get("/ok"), [&](Result<HttpResponse> r) {
+      if (r && r->body == "ok") ++answered;
+    });
+  });
+  REQUIRE(wait_until([&] { return answered.load() == 2; }));
+  c.rt->loop().run_sync([&] {
+    REQUIRE_FALSE(streamed->ok());
+    CHECK(streamed->error().code() == Errc::io_error);
+    CHECK_MESSAGE(contains(streamed->error().message(), "decoder bug"), streamed->error().message());
+  });
 }
