@@ -1,16 +1,13 @@
 #include <dynup/runtime/http.hpp>
 
 #include "support/temp_dir.hpp"
+#include "support/tls.hpp"
 #include "support/wait.hpp"
 
 #include <doctest/doctest.h>
 #include <httplib.h>
 
 #include <netinet/in.h>
-#include <openssl/evp.h>
-#include <openssl/pem.h>
-#include <openssl/x509.h>
-#include <openssl/x509v3.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -155,39 +152,6 @@ std::uint16_t closed_port() {
   REQUIRE(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0);
   ::close(fd);
   return ntohs(a.sin_port);
-}
-
-// Writes a self-signed certificate for IP 127.0.0.1 and its key as PEM files.
-void write_self_signed(const std::string& cert_path, const std::string& key_path) {
-  EVP_PKEY* key = EVP_RSA_gen(2048);
-  REQUIRE(key != nullptr);
-  X509* cert = X509_new();
-  X509_set_version(cert, 2);
-  ASN1_INTEGER_set(X509_get_serialNumber(cert), 1);
-  X509_gmtime_adj(X509_getm_notBefore(cert), -60);
-  X509_gmtime_adj(X509_getm_notAfter(cert), 3600);
-  X509_set_pubkey(cert, key);
-  X509_NAME* name = X509_get_subject_name(cert);
-  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC, reinterpret_cast<const unsigned char*>("127.0.0.1"), -1, -1, 0);
-  X509_set_issuer_name(cert, name);
-  X509V3_CTX ctx;
-  X509V3_set_ctx_nodb(&ctx);
-  X509V3_set_ctx(&ctx, cert, cert, nullptr, nullptr, 0);
-  X509_EXTENSION* san = X509V3_EXT_conf_nid(nullptr, &ctx, NID_subject_alt_name, "IP:127.0.0.1");
-  REQUIRE(san != nullptr);
-  X509_add_ext(cert, san, -1);
-  X509_EXTENSION_free(san);
-  REQUIRE(X509_sign(cert, key, EVP_sha256()) > 0);
-  FILE* f = std::fopen(cert_path.c_str(), "w");
-  REQUIRE(f != nullptr);
-  PEM_write_X509(f, cert);
-  std::fclose(f);
-  f = std::fopen(key_path.c_str(), "w");
-  REQUIRE(f != nullptr);
-  PEM_write_PrivateKey(f, key, nullptr, nullptr, 0, nullptr, nullptr);
-  std::fclose(f);
-  X509_free(cert);
-  EVP_PKEY_free(key);
 }
 
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
@@ -662,7 +626,7 @@ TEST_CASE("http client: ending the runtime aborts calls in flight without runnin
 
 TEST_CASE("http client: https verifies the server's certificate against ca_file, and refuses an unknown one") {
   dynup_test::TempDir dir;
-  write_self_signed(dir.file("cert.pem"), dir.file("key.pem"));
+  dynup_test::write_self_signed(dir.file("cert.pem"), dir.file("key.pem"));
   httplib::SSLServer server(dir.file("cert.pem").c_str(), dir.file("key.pem").c_str());
   REQUIRE(server.is_valid());
   server.Get("/v1/status/leader", [](const httplib::Request&, httplib::Response& res) {
