@@ -58,7 +58,7 @@ if(DYNUP_INSTALL)
   endif()
   # Only Debian-style cpp-httplib (found through pkg-config) has a .pc file to require;
   # a CMake-package httplib (upstream, vcpkg) is header-only and needs no flags.
-  set(DYNUP_PC_REQUIRES "nlohmann_json >= 3.9")
+  set(DYNUP_PC_REQUIRES "nlohmann_json >= 3.9 libcurl")
   if(TARGET PkgConfig::PC_HTTPLIB)
     string(APPEND DYNUP_PC_REQUIRES " cpp-httplib")
   endif()

@@ -6,6 +6,7 @@ set -euo pipefail
 packages=(
   g++ cmake make pkg-config git ca-certificates
   nlohmann-json3-dev libcpp-httplib-dev # dependencies of the library
+  libcurl4-openssl-dev                  # the runtime's non-blocking HTTP client (libcurl multi; docs/HTTP.md)
   doctest-dev libbenchmark-dev          # tests and benchmarks
   nginx                                 # real nginx 1.22: the policies are checked against it
   nginx-dev                             # nginx's configure tree and headers: the native module builds against them

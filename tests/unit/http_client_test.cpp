@@ -1,5 +1,7 @@
 #include <dynup/runtime/http.hpp>
 
+#include "support/temp_dir.hpp"
+#include "support/tls.hpp"
 #include "support/wait.hpp"
 
 #include <doctest/doctest.h>
@@ -18,6 +20,7 @@
 #include <mutex>
 #include <optional>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -178,6 +181,8 @@ TEST_CASE("http client: a GET sends its headers and returns status, headers (any
   auto st = c.stats(to);
   CHECK(st.requests == 1);
   CHECK(st.connects == 1);
+  CHECK(st.open_connections == 1); // kept alive for the next call
+  CHECK(st.peak_connections == 1);
   CHECK(st.failures == 0);
 }
 
@@ -496,6 +501,34 @@ TEST_CASE("http client: no socket is opened into the descriptor reserve") {
   CHECK_MESSAGE(ok.ok(), ok.error().message());
 }
 
+TEST_CASE("http client: EMFILE when opening a socket is an io_error saying so") {
+  Client c;
+  dynup::rt::HttpClientOptions o;
+  o.fd_reserve = 0; // let the kernel's limit, not the reserve, refuse
+  c.configure(o);
+  HttpEndpoint to{"127.0.0.1", closed_port(), false};
+  rlimit saved{};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
+  rlimit low = saved;
+  low.rlim_cur = std::min<rlim_t>(saved.rlim_cur, 512);
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+  std::vector<int> filler; // every descriptor left under the lowered limit
+  for (;;) {
+    int fd = ::dup(0);
+    if (fd < 0) break;
+    filler.push_back(fd);
+  }
+  auto out = c.send(to, get("/"));
+  bool answered = wait_until([&] { return out->ready(); });
+  for (int fd : filler) ::close(fd);
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &saved) == 0);
+  REQUIRE(answered);
+  std::lock_guard<std::mutex> lock(out->mu);
+  REQUIRE_FALSE(out->result->ok());
+  CHECK(out->result->error().code() == Errc::io_error);
+  CHECK_MESSAGE(contains(out->result->error().message(), "Too many open files"), out->result->error().message());
+}
+
 TEST_CASE("http client: 500 concurrent calls all complete on the one loop thread") {
   TestServer server(16);
   std::atomic<int> served{0};
@@ -523,4 +556,129 @@ TEST_CASE("http client: 500 concurrent calls all complete on the one loop thread
   auto st = c.stats(to);
   CHECK(st.peak_connections <= 16);
   CHECK(st.requests == static_cast<std::uint64_t>(n));
+}
+
+TEST_CASE("http client: a name that does not resolve is unavailable, naming the host") {
+  Client c;
+  HttpEndpoint to{"dynup-test.invalid", 80, false}; // .invalid never resolves (RFC 6761)
+  auto r = c.call(to, get("/"));
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().code() == Errc::unavailable);
+  CHECK_MESSAGE(contains(r.error().message(), "dynup-test.invalid"), r.error().message());
+}
+
+TEST_CASE("http client: cancel from inside on_body ends the stream, and a send from there completes") {
+  TestServer server;
+  std::atomic<bool> stop{false};
+  server->Get("/watch", [&](const httplib::Request&, httplib::Response& res) {
+    res.set_chunked_content_provider("text/plain", [&](std::size_t, httplib::DataSink& sink) {
+      if (stop) return false;
+      std::this_thread::sleep_for(5ms);
+      return sink.write("e", 1);
+    });
+  });
+  server->Get("/range", [](const httplib::Request&, httplib::Response& res) { res.set_content("all", "text/plain"); });
+  auto to = server.start();
+  Client c;
+  std::atomic<int> pieces{0}, stream_done{0};
+  std::atomic<bool> range_ok{false};
+  dynup::rt::CallId id = 0;
+  c.rt->loop().run_sync([&] {
+    id = c.http.stream(
+        to, get("/watch", 5s),
+        [&](std::string_view) {
+          if (++pieces == 3) {
+            // What a watcher does on a compacted revision: drop the watch, fetch the range.
+            c.http.cancel(id);
+            c.http.send(to, get("/range"), [&](Result<HttpResponse> r) { range_ok = r && r->body == "all"; });
+          }
+          return true;
+        },
+        [&](Result<HttpResponse>) { ++stream_done; });
+  });
+  REQUIRE(wait_until([&] { return range_ok.load(); }));
+  CHECK(stays_true_for([&] { return pieces.load() == 3 && stream_done.load() == 0; }, 200ms));
+  stop = true;
+  std::size_t left = 1;
+  c.rt->loop().run_sync([&] { left = c.http.in_flight(); });
+  CHECK(left == 0);
+}
+
+TEST_CASE("http client: ending the runtime aborts calls in flight without running their callbacks") {
+  TestServer server;
+  Gate release;
+  std::atomic<bool> held{false};
+  server->Get("/hold", [&](const httplib::Request&, httplib::Response& res) {
+    held = true;
+    release.wait();
+    res.set_content("late", "text/plain");
+  });
+  auto to = server.start();
+  std::shared_ptr<Client::Outcome> out;
+  {
+    Client c;
+    out = c.send(to, get("/hold", 10s));
+    REQUIRE(wait_until([&] { return held.load(); }));
+  } // the last holder lets go: the client is destroyed on the loop's thread
+  release.open();
+  CHECK(stays_true_for([&] { return out->done_calls.load() == 0; }, 200ms));
+}
+
+TEST_CASE("http client: https verifies the server's certificate against ca_file, and refuses an unknown one") {
+  dynup_test::TempDir dir;
+  dynup_test::write_self_signed(dir.file("cert.pem"), dir.file("key.pem"));
+  httplib::SSLServer server(dir.file("cert.pem").c_str(), dir.file("key.pem").c_str());
+  REQUIRE(server.is_valid());
+  server.Get("/v1/status/leader", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content("\"10.0.0.1:8300\"", "application/json");
+  });
+  int port = server.bind_to_any_port("127.0.0.1");
+  REQUIRE(port > 0);
+  std::thread serving([&] { server.listen_after_bind(); });
+  REQUIRE(wait_until([&] { return server.is_running(); }));
+  HttpEndpoint to{"127.0.0.1", static_cast<std::uint16_t>(port), true};
+  {
+    Client c;
+    auto refused = c.call(to, get("/v1/status/leader")); // the system's CAs do not know it
+    REQUIRE_FALSE(refused.ok());
+    CHECK(refused.error().code() == Errc::unavailable);
+    CHECK_MESSAGE(contains(refused.error().message(), "certificate"), refused.error().message());
+
+    dynup::rt::HttpClientOptions o;
+    o.ca_file = dir.file("cert.pem");
+    c.configure(o);
+    auto r = c.call(to, get("/v1/status/leader"));
+    REQUIRE_MESSAGE(r.ok(), r.error().message());
+    CHECK(r->status == 200);
+    CHECK(r->body == "\"10.0.0.1:8300\"");
+  }
+  server.stop();
+  serving.join();
+}
+
+TEST_CASE("http client: a throwing callback ends only its own call") {
+  TestServer server;
+  server->Get("/ok", [](const httplib::Request&, httplib::Response& res) { res.set_content("ok", "text/plain"); });
+  auto to = server.start();
+  Client c;
+  std::atomic<int> answered{0};
+  std::optional<Result<HttpResponse>> streamed;
+  c.rt->loop().run_sync([&] {
+    c.http.stream(
+        to, get("/ok"), [](std::string_view) -> bool { throw std::runtime_error("decoder bug"); },
+        [&](Result<HttpResponse> r) {
+          streamed.emplace(std::move(r));
+          ++answered;
+        });
+    c.http.send(to, get("/ok"), [](Result<HttpResponse>) { throw std::runtime_error("handler bug"); });
+    c.http.send(to, get("/ok"), [&](Result<HttpResponse> r) {
+      if (r && r->body == "ok") ++answered;
+    });
+  });
+  REQUIRE(wait_until([&] { return answered.load() == 2; }));
+  c.rt->loop().run_sync([&] {
+    REQUIRE_FALSE(streamed->ok());
+    CHECK(streamed->error().code() == Errc::io_error);
+    CHECK_MESSAGE(contains(streamed->error().message(), "decoder bug"), streamed->error().message());
+  });
 }

@@ -128,15 +128,16 @@ public:
   /// unless cancelled first). `req.read_timeout` bounds the whole exchange, from this
   /// call (queueing for a connection included) to the last body byte.
   CallId send(const HttpEndpoint& to, const HttpRequest& req, Done done) {
-    return start(to, req, nullptr, std::move(done));
+    return start(to, req, false, nullptr, std::move(done));
   }
 
   /// Sends `req` and passes each piece of the body to `on_body` as it arrives (an etcd
   /// watch, a long poll); `done` then gets the status and headers with an empty body
   /// when the server ends the stream or `on_body` returns false, or the error.
-  /// `req.read_timeout` is the longest silence allowed between bytes.
+  /// `req.read_timeout` is the longest silence allowed between bytes (counted from this
+  /// call until the first one, so a wait for a connection counts too).
   CallId stream(const HttpEndpoint& to, const HttpRequest& req, Chunk on_body, Done done) {
-    return start(to, req, std::move(on_body), std::move(done));
+    return start(to, req, true, std::move(on_body), std::move(done));
   }
 
   /// Ends the call: neither `done` nor `on_body` runs after this returns (also when
@@ -163,13 +164,15 @@ public:
       curl_multi_setopt(multi_, CURLMOPT_MAX_HOST_CONNECTIONS, static_cast<long>(options_.max_host_connections));
   }
 
-  /// Connection and failure counts for one host:port. Thread-safe (a status page may
-  /// read it from any thread); O(log hosts).
+  /// Counts for one host:port since the client started: sockets open now (connected or
+  /// connecting) and at most at once, sockets opened, calls made, calls that ended with
+  /// an error and the last such error. Calls cancelled are not failures.
   struct HostStats {
     unsigned open_connections = 0, peak_connections = 0;
     std::uint64_t connects = 0, requests = 0, failures = 0;
     std::string last_error;
   };
+  /// Thread-safe (a status page may read it from any thread); O(log hosts); copies.
   HostStats host_stats(const HttpEndpoint& at) const {
     std::lock_guard<std::mutex> lock(stats_mu_);
     auto it = hosts_.find(host_key(at.host, at.port));
@@ -209,16 +212,17 @@ private:
   };
 
   static std::string host_key(const std::string& host, std::uint16_t port) {
-    return host + ":" + std::to_string(port);
+    bool v6 = host.find(':') != std::string::npos && host.front() != '[';
+    return (v6 ? "[" + host + "]" : host) + ":" + std::to_string(port);
   }
 
-  CallId start(const HttpEndpoint& to, const HttpRequest& req, Chunk on_body, Done done) {
+  CallId start(const HttpEndpoint& to, const HttpRequest& req, bool streaming, Chunk on_body, Done done) {
     CallId id = ++next_id_;
     auto owned = std::make_unique<Call>();
     Call& call = *owned;
     call.id = id;
     call.client = this;
-    call.streaming = static_cast<bool>(on_body);
+    call.streaming = streaming;
     call.on_body = std::move(on_body);
     call.done = std::move(done);
     call.limit = req.read_timeout;
@@ -264,9 +268,7 @@ private:
     call.easy = curl_easy_init();
     if (call.easy == nullptr) return "curl_easy_init failed";
     CURL* e = call.easy;
-    bool v6 = to.host.find(':') != std::string::npos && to.host.front() != '[';
-    call.url = std::string(to.tls ? "https://" : "http://") + (v6 ? "[" + to.host + "]" : to.host) + ":" +
-               std::to_string(to.port) + (req.target.empty() ? "/" : req.target);
+    call.url = std::string(to.tls ? "https://" : "http://") + call.endpoint + (req.target.empty() ? "/" : req.target);
     curl_easy_setopt(e, CURLOPT_URL, call.url.c_str());
     curl_easy_setopt(e, CURLOPT_PATH_AS_IS, 1L); // the target is encoded already
     curl_easy_setopt(e, CURLOPT_PRIVATE, &call);
@@ -603,7 +605,7 @@ private:
     }
     bool more = false;
     try {
-      more = call->on_body(std::string_view(data, len));
+      more = !call->on_body || call->on_body(std::string_view(data, len));
     } catch (const std::exception& e) {
       call->failed = std::string("the body reader threw: ") + e.what();
     } catch (...) {
