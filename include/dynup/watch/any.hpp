@@ -222,7 +222,8 @@ public:
   /// honour (or strong_dependency with initial background) is Errc::invalid_argument,
   /// naming it; a failed first fetch with
   /// strong_dependency is that fetch's error; a thread or descriptor the system refuses
-  /// is Errc::io_error. Callbacks run on the watcher's thread (the first on the caller's).
+  /// is Errc::io_error. Callbacks run on the watcher's thread (the first on the caller's);
+  /// a file:// watcher's all run on the process runtime's loop thread.
   static Result<Watcher> start(Publisher& publisher, std::string_view spec, AnyWatchOptions options = {},
                                PublishCallback on_publish = {}, ErrorCallback on_error = {}) {
     auto prepared = detail::prepare_source(spec, options);
