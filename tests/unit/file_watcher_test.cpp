@@ -693,3 +693,32 @@ TEST_CASE("callbacks run on the runtime's loop thread, the first one included") 
   std::lock_guard<std::mutex> lock(mu);
   CHECK(on_loop == std::vector<bool>{true, true});
 }
+
+TEST_CASE("a ..data swap next to a symlinked file is seen through inotify, also when the file became a link later") {
+  TempDir dir;
+  REQUIRE(::mkdir(dir.file("..v1").c_str(), 0755) == 0);
+  REQUIRE(::mkdir(dir.file("..v2").c_str(), 0755) == 0);
+  REQUIRE(::mkdir(dir.file("..v3").c_str(), 0755) == 0);
+  write_by_rename(dir.file("..v1/peers.json"), doc(8001));
+  write_by_rename(dir.file("..v2/peers.json"), doc(8002));
+  write_by_rename(dir.file("..v3/peers.json"), doc(8003));
+  std::string path = dir.file("peers.json");
+  write_by_rename(path, doc(8000)); // a plain file first
+  Publisher pub;
+  FileWatcher w(pub, options(path, 600s)); // no poll within the test
+  REQUIRE(current_port(pub) == 8000);
+
+  // The file becomes a link through ..data (an event naming it), ...
+  REQUIRE(::symlink("..v1", dir.file("..data").c_str()) == 0);
+  REQUIRE(::symlink("..data/peers.json", dir.file("peers.json.new").c_str()) == 0);
+  REQUIRE(::rename(dir.file("peers.json.new").c_str(), path.c_str()) == 0);
+  REQUIRE(wait_until([&] { return current_port(pub) == 8001; }));
+  // ... then only ..data changes: events that do not name the file.
+  for (const char* next : {"..v2", "..v3"}) {
+    CAPTURE(next);
+    REQUIRE(::symlink(next, dir.file("..data_tmp").c_str()) == 0);
+    REQUIRE(::rename(dir.file("..data_tmp").c_str(), dir.file("..data").c_str()) == 0);
+    REQUIRE(wait_until([&] { return current_port(pub) == (std::string(next) == "..v2" ? 8002 : 8003); }));
+  }
+  CHECK(w.status().mode == "inotify");
+}

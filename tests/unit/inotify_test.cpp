@@ -119,6 +119,36 @@ TEST_CASE("inotify: subscribers of one directory share one watch, which goes wit
   CHECK(f.subscriptions() == 0);
 }
 
+TEST_CASE("inotify: an event about an entry reaches its subscribers and the directory's, not the others'") {
+  TempDir dir;
+  Fixture f;
+  Heard one, two, every;
+  auto sub = [&](const std::string& name, Heard& h) {
+    auto id = f.on_loop([&] { return f.inotify->subscribe(dir.path(), name, h.callback()); });
+    REQUIRE(id);
+    return *id;
+  };
+  sub("one", one);
+  auto id_two = sub("two", two);
+  sub("", every);
+  CHECK(f.watches() == 1);
+
+  touch(dir.file("one"));
+  REQUIRE(wait_until([&] { return one.saw(IN_CLOSE_WRITE, "one") && every.saw(IN_CLOSE_WRITE, "one"); }));
+  touch(dir.file("three"));
+  REQUIRE(wait_until([&] { return every.saw(IN_CLOSE_WRITE, "three"); }));
+  CHECK(two.count() == 0);
+  CHECK_FALSE(one.saw(IN_CLOSE_WRITE, "three"));
+
+  // An event on the directory itself concerns everyone.
+  REQUIRE(::chmod(dir.path().c_str(), 0750) == 0);
+  REQUIRE(wait_until([&] { return one.saw(IN_ATTRIB) && two.saw(IN_ATTRIB) && every.saw(IN_ATTRIB); }));
+
+  f.unsubscribe(id_two);
+  CHECK(f.subscriptions() == 2);
+  CHECK(f.watches() == 1);
+}
+
 TEST_CASE("inotify: a removed directory ends its subscriptions with IN_IGNORED") {
   TempDir dir;
   std::string sub = dir.file("conf");

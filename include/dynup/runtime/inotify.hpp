@@ -47,9 +47,10 @@ struct DirEvent {
 /// only (use Loop::run_sync or post); callbacks run there, one at a time, and must not
 /// block. A callback may subscribe and unsubscribe (itself or others) freely.
 /// Costs: subscribe is one inotify_add_watch(2) plus O(1) bookkeeping; unsubscribe
-/// O(subscribers of that directory); an event costs O(subscribers of its directory),
-/// and IN_Q_OVERFLOW O(all subscribers). Allocates per subscription and per batch of
-/// events read.
+/// O(subscribers of that entry); an event about an entry costs O(its subscribers +
+/// the directory's every-entry subscribers); one about the directory O(the directory's
+/// subscribers), IN_Q_OVERFLOW O(all subscribers). Allocates per subscription and per
+/// event delivered (the list of its subscribers).
 /// Watches: every directory is watched for `dir_events` (entries created, deleted,
 /// written, renamed in or out, attribute changes, and the directory itself deleted or
 /// moved). When it is deleted or moved, the service drops its watch and ends every
@@ -79,16 +80,18 @@ public:
   Inotify(const Inotify&) = delete;
   Inotify& operator=(const Inotify&) = delete;
 
-  /// Calls `cb` on the loop's thread for every event in directory `dir` until
-  /// unsubscribe() or an IN_IGNORED event. Subscribers of the same directory (the same
-  /// inode, whatever the spelling of the path) share one kernel watch. Loop thread only.
+  /// Calls `cb` on the loop's thread for events in directory `dir` until unsubscribe()
+  /// or an IN_IGNORED event: events about the entry `name` when it is not empty, about
+  /// every entry when it is; events about the directory itself, IN_Q_OVERFLOW and
+  /// IN_IGNORED always. Subscribers of the same directory (the same inode, whatever the
+  /// spelling of the path) share one kernel watch. Loop thread only.
   /// Errors name the call, the path and errno's text. Errc::not_found when `dir` is not
   /// a directory (ENOENT, ENOTDIR); otherwise Errc::io_error, such as
   /// "inotify_init1: Too many open files" (EMFILE: the per-user instance limit or the
   /// fd limit; tried again by the next subscribe),
   /// "inotify_add_watch(/etc/dynup): No space left on device" (ENOSPC: the per-user
   /// watch limit), "inotify_add_watch(/etc/dynup): Permission denied" (EACCES).
-  Result<SubscriptionId> subscribe(const std::string& dir, Callback cb) {
+  Result<SubscriptionId> subscribe(const std::string& dir, std::string name, Callback cb) {
     if (fd_ < 0) {
       if (auto opened = open(); !opened) return opened.error();
     }
@@ -100,10 +103,14 @@ public:
                    "inotify_add_watch(" + dir + "): " + std::strerror(err));
     }
     SubscriptionId id = ++next_id_;
-    watches_[wd].push_back(id);
-    subs_.emplace(id, Sub{wd, std::make_shared<Callback>(std::move(cb))});
+    Watch& w = watches_[wd];
+    w.list(name).push_back(id);
+    ++w.count;
+    subs_.emplace(id, Sub{wd, std::move(name), std::make_shared<Callback>(std::move(cb))});
     return id;
   }
+  /// subscribe(dir, "", cb): every entry of `dir`.
+  Result<SubscriptionId> subscribe(const std::string& dir, Callback cb) { return subscribe(dir, {}, std::move(cb)); }
 
   /// Ends a subscription: its callback is not called again, even for events already
   /// read. The directory's kernel watch goes with its last subscriber. Loop thread
@@ -111,21 +118,17 @@ public:
   void unsubscribe(SubscriptionId id) noexcept {
     auto it = subs_.find(id);
     if (it == subs_.end()) return;
-    int wd = it->second.wd;
-    subs_.erase(it);
+    const int wd = it->second.wd;
     auto w = watches_.find(wd);
-    if (w == watches_.end()) return;
-    auto& ids = w->second;
-    for (auto& s : ids)
-      if (s == id) {
-        s = ids.back();
-        ids.pop_back();
-        break;
+    if (w != watches_.end()) {
+      w->second.remove(it->second.name, id);
+      if (--w->second.count == 0) {
+        watches_.erase(w);
+        // The kernel answers with IN_IGNORED for this wd, which no longer names anyone.
+        ::inotify_rm_watch(fd_, wd);
       }
-    if (!ids.empty()) return;
-    watches_.erase(w);
-    // The kernel answers with IN_IGNORED for this wd, which no longer names anyone.
-    ::inotify_rm_watch(fd_, wd);
+    }
+    subs_.erase(it);
   }
 
   /// The inotify descriptor, or -1 before the first successful subscribe. Loop thread.
@@ -146,7 +149,45 @@ public:
 private:
   struct Sub {
     int wd;
+    std::string name;             // empty: every entry
     std::shared_ptr<Callback> cb; // shared: a callback may end its own subscription
+  };
+
+  // One kernel watch and its subscribers, indexed by the entry they follow, so an event
+  // reaches only those it concerns: a thousand files in one directory do not make each
+  // write a thousand calls.
+  struct Watch {
+    std::vector<SubscriptionId> every;
+    std::unordered_map<std::string, std::vector<SubscriptionId>> named;
+    std::size_t count = 0;
+
+    std::vector<SubscriptionId>& list(const std::string& name) { return name.empty() ? every : named[name]; }
+    void remove(const std::string& name, SubscriptionId id) noexcept {
+      auto n = named.end();
+      std::vector<SubscriptionId>* ids = &every;
+      if (!name.empty()) {
+        n = named.find(name);
+        if (n == named.end()) return;
+        ids = &n->second;
+      }
+      for (auto& s : *ids)
+        if (s == id) {
+          s = ids->back();
+          ids->pop_back();
+          break;
+        }
+      if (n != named.end() && n->second.empty()) named.erase(n);
+    }
+    // The subscribers of an event about entry `name` (empty: about the directory).
+    std::vector<SubscriptionId> audience(std::string_view name) const {
+      std::vector<SubscriptionId> out = every;
+      if (name.empty()) {
+        for (const auto& n : named) out.insert(out.end(), n.second.begin(), n.second.end());
+      } else if (auto n = named.find(std::string(name)); n != named.end()) {
+        out.insert(out.end(), n->second.begin(), n->second.end());
+      }
+      return out;
+    }
   };
 
   Result<void> open() {
@@ -189,10 +230,10 @@ private:
     }
     auto w = watches_.find(ev.wd);
     if (w == watches_.end()) return; // a watch already dropped (its IN_IGNORED, late events)
-    std::vector<SubscriptionId> ids = w->second; // callbacks may change the list
     // ev.len counts the NUL padding; the name ends at the first NUL.
     std::string_view name = ev.len > 0 ? std::string_view(ev.name) : std::string_view();
-    if (!(ev.mask & IN_IGNORED)) deliver(ids, DirEvent{ev.mask, name});
+    // A copy: callbacks may change the lists.
+    if (!(ev.mask & IN_IGNORED)) deliver(w->second.audience(name), DirEvent{ev.mask, name});
     if (ev.mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT)) end_watch(ev.wd);
   }
 
@@ -201,7 +242,7 @@ private:
   void end_watch(int wd) {
     auto w = watches_.find(wd);
     if (w == watches_.end()) return;
-    std::vector<SubscriptionId> ids = std::move(w->second);
+    std::vector<SubscriptionId> ids = w->second.audience({});
     watches_.erase(w);
     ::inotify_rm_watch(fd_, wd); // EINVAL when the kernel dropped it already
     std::vector<std::shared_ptr<Callback>> cbs;
@@ -235,7 +276,7 @@ private:
   Loop& loop_;
   int fd_ = -1;
   SubscriptionId next_id_ = 0;
-  std::unordered_map<int, std::vector<SubscriptionId>> watches_; // wd → its subscribers
+  std::unordered_map<int, Watch> watches_; // by wd
   std::unordered_map<SubscriptionId, Sub> subs_;
   std::function<int(const char*, const std::string&)> fault_;
 };

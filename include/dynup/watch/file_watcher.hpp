@@ -44,8 +44,9 @@ struct FileWatchOptions {
 
 /// Watches one peer file and publishes each valid, changed version into a Publisher.
 ///
-/// Handles an edit in place, a rename over the file (the atomic-write pattern, and
-/// Kubernetes ConfigMap symlink swaps via the poll), and delete-then-recreate. An
+/// Handles an edit in place, a rename over the file (the atomic-write pattern), a
+/// symlink re-pointed through its directory (a Kubernetes ConfigMap's "..data" swap),
+/// and delete-then-recreate; the poll catches what inotify cannot see. An
 /// unreadable, invalid or guard-refused file keeps the set already published; the
 /// reason goes to the error callback and `status()`.
 ///
@@ -189,13 +190,24 @@ private:
     arm_poll();
   }
 
+  // A symlink's target can change through other entries of the directory (Kubernetes
+  // swaps a "..data" link next to it), so a link hears every entry; a plain file only
+  // its own name.
+  bool path_is_link() const {
+    struct stat st {};
+    return ::lstat(options_.path.c_str(), &st) == 0 && S_ISLNK(st.st_mode);
+  }
+
   // Subscribes to the directory unless subscribed; on failure, says why the watcher
   // polls (in status, and once per cause to the error callback).
   void subscribe() {
     if (stopped_ || subscription_ != 0) return;
-    auto sub = inotify_->subscribe(dir_, [this](const rt::DirEvent& e) { on_event(e); });
+    const bool every = path_is_link();
+    auto sub = inotify_->subscribe(dir_, every ? std::string() : base_,
+                                   [this](const rt::DirEvent& e) { on_event(e); });
     if (sub) {
       subscription_ = *sub;
+      subscribed_every_ = every;
       reported_mode_error_.clear();
       set_mode("inotify", "");
       return;
@@ -216,8 +228,8 @@ private:
     status_.mode_error = why;
   }
 
-  // Any event in the directory may matter (a symlink swapped next to the file), so each
-  // starts or extends the settle; one naming the file, or lost events, force a read.
+  // Each event heard starts or extends the settle; one naming the file, or lost events,
+  // force a read.
   void on_event(const rt::DirEvent& e) {
     if (stopped_) return;
     if (e.mask & IN_IGNORED) subscription_ = 0; // the directory went away; the poll subscribes again
@@ -253,6 +265,15 @@ private:
     Signature sig = stat_file();
     if (!force && sig == last_sig_) return;
     last_sig_ = sig;
+    if (subscription_ != 0 && path_is_link() != subscribed_every_) {
+      // The file became a link, or stopped being one: subscribe anew, then let the old
+      // subscription go, so the directory's watch stays in place between the two.
+      auto old = subscription_;
+      subscription_ = 0;
+      subscribe();
+      inotify_->unsubscribe(old);
+      if (stopped_) return; // stopped by the error callback
+    }
     auto bytes = detail::read_file(options_.path, DYNUP_MAX_PEER_FILE_BYTES);
     if (!bytes) return fail(bytes.error());
     std::uint64_t digest = fingerprint(*bytes);
@@ -323,6 +344,7 @@ private:
   // The loop's thread only (and the constructor, before start() is posted).
   bool stopped_ = false;
   rt::Inotify::SubscriptionId subscription_ = 0;
+  bool subscribed_every_ = false; // to every entry of the directory, not only the file's
   std::string reported_mode_error_; // the fallback cause last sent to the error callback
   rt::TimerId poll_timer_ = 0, settle_timer_ = 0;
   bool pending_ = false, force_ = false;
