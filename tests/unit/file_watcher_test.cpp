@@ -5,11 +5,16 @@
 
 #include <doctest/doctest.h>
 
+#include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -78,6 +83,38 @@ FileWatchOptions options(const std::string& path, std::chrono::milliseconds poll
   o.path = path;
   o.poll_interval = poll;
   return o;
+}
+
+// Entries of a /proc/self directory whose symlink target is `target` (all when empty).
+int count_proc_entries(const char* dir, const std::string& target = "") {
+  DIR* d = ::opendir(dir);
+  REQUIRE(d != nullptr);
+  int n = 0;
+  while (dirent* e = ::readdir(d)) {
+    std::string name = e->d_name;
+    if (name == "." || name == "..") continue;
+    if (target.empty()) {
+      ++n;
+      continue;
+    }
+    char buf[256];
+    ssize_t len = ::readlink((std::string(dir) + "/" + name).c_str(), buf, sizeof buf - 1);
+    if (len > 0 && std::string(buf, static_cast<std::size_t>(len)) == target) ++n;
+  }
+  ::closedir(d);
+  return n;
+}
+int thread_count() { return count_proc_entries("/proc/self/task"); }
+int inotify_fd_count() { return count_proc_entries("/proc/self/fd", "anon_inode:inotify"); }
+
+// The runtime's inotify service, with `fault` injected on its loop (see rt::Inotify::inject_faults).
+// Holding the runtime keeps the service (and its fault) alive across the watchers made in a test.
+std::shared_ptr<dynup::rt::Runtime> runtime_with_fault(std::function<int(const char*, const std::string&)> fault) {
+  auto rt = dynup::rt::Runtime::acquire();
+  REQUIRE(rt);
+  auto& inotify = (*rt)->service<dynup::rt::Inotify>();
+  (*rt)->loop().run_sync([&] { inotify.inject_faults(std::move(fault)); });
+  return *rt;
 }
 
 } // namespace
@@ -490,4 +527,198 @@ TEST_CASE("a throwing publish callback does not stop the watcher") {
   CHECK(current_port(pub) == 8003);
   std::lock_guard<std::mutex> lock(mu);
   CHECK(seen == std::vector<std::uint64_t>{1, 2, 3});
+}
+
+TEST_CASE("a thousand file watchers share the runtime's threads and one inotify descriptor, and each change is published") {
+  TempDir dir;
+  constexpr int n = 1000;
+  std::vector<std::string> paths;
+  for (int i = 0; i < n; ++i) {
+    paths.push_back(dir.file("peers-" + std::to_string(i) + ".json"));
+    write_by_rename(paths.back(), doc(10000 + i));
+  }
+  // A poll far beyond the test: every change below must come through inotify.
+  std::vector<std::unique_ptr<Publisher>> pubs;
+  std::vector<std::unique_ptr<FileWatcher>> watchers;
+  auto add = [&](int i) {
+    pubs.push_back(std::make_unique<Publisher>());
+    watchers.push_back(std::make_unique<FileWatcher>(*pubs.back(), options(paths[static_cast<std::size_t>(i)], 600s)));
+  };
+  add(0);
+  const int threads_with_one = thread_count();
+  CHECK(inotify_fd_count() == 1);
+  for (int i = 1; i < n; ++i) add(i);
+  CHECK(thread_count() == threads_with_one);
+  CHECK(inotify_fd_count() == 1);
+  for (int i = 0; i < n; ++i) {
+    REQUIRE(pubs[static_cast<std::size_t>(i)]->version() == 1);
+    REQUIRE(watchers[static_cast<std::size_t>(i)]->status().mode == "inotify");
+  }
+
+  for (int i = 0; i < n; ++i) write_by_rename(paths[static_cast<std::size_t>(i)], doc(20000 + i));
+  auto changed = [&] {
+    int count = 0;
+    for (int i = 0; i < n; ++i) count += current_port(*pubs[static_cast<std::size_t>(i)]) == 20000 + i;
+    return count;
+  };
+  CHECK(wait_until([&] { return changed() == n; }, 30000ms));
+  INFO(changed() << " of " << n << " changes published");
+  for (int i = 0; i < n; ++i) CHECK(pubs[static_cast<std::size_t>(i)]->version() == 2);
+  CHECK(thread_count() == threads_with_one);
+  CHECK(inotify_fd_count() == 1);
+}
+
+TEST_CASE("a directory inotify cannot watch is polled, and the cause is reported once and shown in status") {
+  TempDir dir;
+  std::string path = dir.file("peers.json");
+  write_by_rename(path, doc(8001));
+  auto rt = runtime_with_fault([&](const char* call, const std::string& d) {
+    return std::string(call) == "inotify_add_watch" && d == dir.path() ? ENOSPC : 0;
+  });
+  Publisher pub;
+  Recorder rec;
+  FileWatcher w(pub, options(path, 50ms), rec.on_publish(), rec.on_error());
+
+  const std::string cause = "inotify_add_watch(" + dir.path() + "): No space left on device; polling every 50 ms";
+  REQUIRE(rec.error_count() == 1); // reported by the constructor, before it returns
+  CHECK(rec.last_error().code() == Errc::io_error);
+  CHECK(rec.last_error().message() == "file://" + path + ": " + cause);
+  CHECK(pub.version() == 1);
+  auto st = w.status();
+  CHECK(st.mode == "poll");
+  CHECK(st.mode_error == cause);
+  CHECK(st.to_json()["mode"] == "poll");
+  CHECK(st.to_json()["mode_error"] == cause);
+  CHECK(st.last_error.empty()); // the file itself is served and current
+  CHECK_FALSE(st.stale);
+
+  write_by_rename(path, doc(8002)); // found by the poll
+  REQUIRE(wait_until([&] { return current_port(pub) == 8002; }));
+  // Every poll tries inotify again; the same cause is not reported again.
+  CHECK(dynup_test::stays_true_for([&] { return rec.error_count() == 1; }, 300ms));
+
+  SUBCASE("once the watch can be added, the watcher is back on inotify") {
+    rt->loop().run_sync([&] { rt->service<dynup::rt::Inotify>().inject_faults({}); });
+    REQUIRE(wait_until([&] { return w.status().mode == "inotify"; }));
+    CHECK(w.status().mode_error.empty());
+    CHECK(rec.error_count() == 1);
+  }
+}
+
+TEST_CASE("an inotify instance the system refuses (EMFILE) is reported with its cause, and the file polled") {
+  TempDir dir;
+  std::string path = dir.file("peers.json");
+  write_by_rename(path, doc(8001));
+  auto rt = runtime_with_fault([](const char* call, const std::string&) {
+    return std::string(call) == "inotify_init1" ? EMFILE : 0;
+  });
+  int fd = 0;
+  rt->loop().run_sync([&] { fd = rt->service<dynup::rt::Inotify>().fd(); });
+  REQUIRE(fd == -1); // a fresh runtime: the instance is opened by the first subscriber
+  Publisher pub;
+  Recorder rec;
+  FileWatcher w(pub, options(path, 50ms), rec.on_publish(), rec.on_error());
+
+  REQUIRE(rec.error_count() == 1);
+  CHECK(rec.last_error().message() == "file://" + path + ": inotify_init1: Too many open files; polling every 50 ms");
+  CHECK(w.status().mode == "poll");
+  CHECK(inotify_fd_count() == 0);
+  write_by_rename(path, doc(8002));
+  REQUIRE(wait_until([&] { return current_port(pub) == 8002; }));
+  CHECK(rec.error_count() == 1);
+}
+
+TEST_CASE("a missing directory is polled for without an inotify error, and watched once it exists") {
+  TempDir dir;
+  std::string sub = dir.file("conf");
+  std::string path = sub + "/peers.json";
+  Publisher pub;
+  Recorder rec;
+  FileWatcher w(pub, options(path, 50ms), rec.on_publish(), rec.on_error());
+  REQUIRE(rec.error_count() == 1);
+  CHECK(rec.last_error().code() == Errc::not_found); // the file's read, not inotify
+  CHECK(w.status().mode == "poll");
+  CHECK(w.status().mode_error.find("until the directory exists") != std::string::npos);
+
+  REQUIRE(::mkdir(sub.c_str(), 0755) == 0);
+  REQUIRE(wait_until([&] { return w.status().mode == "inotify"; }));
+  CHECK(w.status().mode_error.empty());
+  write_by_rename(path, doc(8001));
+  REQUIRE(wait_until([&] { return pub.version() == 1; }));
+  CHECK(rec.error_count() == 1);
+}
+
+TEST_CASE("stop() from the watcher's own callback returns at once and no callback follows") {
+  TempDir dir;
+  std::string path = dir.file("peers.json");
+  write_by_rename(path, doc(8001));
+  Publisher pub;
+  std::atomic<FileWatcher*> self{nullptr};
+  std::atomic<int> calls{0};
+  std::atomic<bool> stopped_inside{false};
+  FileWatcher w(pub, options(path, 20ms), [&](const dynup::Snapshot&) {
+    ++calls;
+    if (FileWatcher* me = self.load()) {
+      me->stop();
+      me->stop(); // idempotent there too
+      stopped_inside = true;
+    }
+  });
+  self = &w;
+  REQUIRE(calls.load() == 1);
+  write_by_rename(path, doc(8002));
+  REQUIRE(wait_until([&] { return stopped_inside.load(); }));
+  CHECK(pub.version() == 2);
+  write_by_rename(path, doc(8003));
+  CHECK(dynup_test::stays_true_for([&] { return pub.version() == 2; }, 300ms));
+  CHECK(calls.load() == 2);
+  w.stop(); // and from the owner afterwards
+}
+
+TEST_CASE("callbacks run on the runtime's loop thread, the first one included") {
+  TempDir dir;
+  std::string path = dir.file("peers.json");
+  write_by_rename(path, doc(8001));
+  auto rt = dynup::rt::Runtime::acquire();
+  REQUIRE(rt);
+  Publisher pub;
+  std::mutex mu;
+  std::vector<bool> on_loop;
+  FileWatcher w(pub, options(path), [&](const dynup::Snapshot&) {
+    std::lock_guard<std::mutex> lock(mu);
+    on_loop.push_back((*rt)->loop().in_loop());
+  });
+  write_by_rename(path, doc(8002));
+  REQUIRE(wait_until([&] { return pub.version() == 2; }));
+  std::lock_guard<std::mutex> lock(mu);
+  CHECK(on_loop == std::vector<bool>{true, true});
+}
+
+TEST_CASE("a ..data swap next to a symlinked file is seen through inotify, also when the file became a link later") {
+  TempDir dir;
+  REQUIRE(::mkdir(dir.file("..v1").c_str(), 0755) == 0);
+  REQUIRE(::mkdir(dir.file("..v2").c_str(), 0755) == 0);
+  REQUIRE(::mkdir(dir.file("..v3").c_str(), 0755) == 0);
+  write_by_rename(dir.file("..v1/peers.json"), doc(8001));
+  write_by_rename(dir.file("..v2/peers.json"), doc(8002));
+  write_by_rename(dir.file("..v3/peers.json"), doc(8003));
+  std::string path = dir.file("peers.json");
+  write_by_rename(path, doc(8000)); // a plain file first
+  Publisher pub;
+  FileWatcher w(pub, options(path, 600s)); // no poll within the test
+  REQUIRE(current_port(pub) == 8000);
+
+  // The file becomes a link through ..data (an event naming it), ...
+  REQUIRE(::symlink("..v1", dir.file("..data").c_str()) == 0);
+  REQUIRE(::symlink("..data/peers.json", dir.file("peers.json.new").c_str()) == 0);
+  REQUIRE(::rename(dir.file("peers.json.new").c_str(), path.c_str()) == 0);
+  REQUIRE(wait_until([&] { return current_port(pub) == 8001; }));
+  // ... then only ..data changes: events that do not name the file.
+  for (const char* next : {"..v2", "..v3"}) {
+    CAPTURE(next);
+    REQUIRE(::symlink(next, dir.file("..data_tmp").c_str()) == 0);
+    REQUIRE(::rename(dir.file("..data_tmp").c_str(), dir.file("..data").c_str()) == 0);
+    REQUIRE(wait_until([&] { return current_port(pub) == (std::string(next) == "..v2" ? 8002 : 8003); }));
+  }
+  CHECK(w.status().mode == "inotify");
 }

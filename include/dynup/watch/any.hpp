@@ -222,8 +222,8 @@ public:
   /// honour (or strong_dependency with initial background) is Errc::invalid_argument,
   /// naming it; a failed first fetch with
   /// strong_dependency is that fetch's error; a thread or descriptor the system refuses
-  /// is Errc::io_error. Callbacks of consul:// and etcd:// watchers run on the runtime's
-  /// loop thread, which every watcher of the process shares: they must not block.
+  /// is Errc::io_error. Callbacks of file://, consul:// and etcd:// watchers run on the
+  /// runtime's loop thread, which every watcher of the process shares: they must not block.
   static Result<Watcher> start(Publisher& publisher, std::string_view spec, AnyWatchOptions options = {},
                                PublishCallback on_publish = {}, ErrorCallback on_error = {}) {
     auto prepared = detail::prepare_source(spec, options);

@@ -28,6 +28,13 @@ struct WatcherStatus {
   /// Never false again once true; `stale` says whether it is current.
   bool ready = false;
   std::uint64_t publish_count = 0;
+  /// How changes reach the watcher, where that can vary: a file watcher says "inotify",
+  /// or "poll" while inotify cannot be used. Empty for registry watchers.
+  std::string mode;
+  /// Why the watcher is not in its intended mode, with the cause and the consequence
+  /// ("inotify_add_watch(/etc/dynup): No space left on device; polling every 1000 ms").
+  /// Empty while it is.
+  std::string mode_error;
 
   nlohmann::json to_json() const {
     nlohmann::json j{{"source", source},
@@ -37,7 +44,9 @@ struct WatcherStatus {
                      {"backoff_ms", current_backoff.count()},
                      {"stale", stale},
                      {"ready", ready},
-                     {"publish_count", publish_count}};
+                     {"publish_count", publish_count},
+                     {"mode", mode},
+                     {"mode_error", mode_error}};
     if (last_success)
       j["last_success_ms"] = std::chrono::duration_cast<std::chrono::milliseconds>(
                                  last_success->time_since_epoch())
