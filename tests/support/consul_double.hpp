@@ -25,6 +25,7 @@
 #include <nlohmann/json.hpp>
 
 #include <arpa/inet.h>
+#include <pthread.h>
 #include <dirent.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -221,6 +222,7 @@ public:
 
 private:
   void run() {
+    ::pthread_setname_np(::pthread_self(), "consul-double"); // tests tell their threads apart
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
       ++idle_;
@@ -1062,7 +1064,10 @@ private:
       closing_ = false;
       server_ = std::move(server);
     }
-    listener_ = std::thread([raw] { raw->listen_after_bind(); });
+    listener_ = std::thread([raw] {
+      ::pthread_setname_np(::pthread_self(), "consul-double");
+      raw->listen_after_bind();
+    });
     // stop() before the listener runs would be lost (httplib checks is_running()).
     while (!raw->is_running()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }

@@ -6,6 +6,7 @@
 #include <dynup/result.hpp>
 #include <dynup/version.hpp>
 
+#include <pthread.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -203,6 +204,7 @@ private:
   }
 
   void run() {
+    ::pthread_setname_np(::pthread_self(), "dynup-loop");
     loop_id_.store(std::this_thread::get_id(), std::memory_order_release);
     std::vector<epoll_event> events(64);
     for (;;) {

@@ -8,6 +8,7 @@
 #include <dynup/runtime/loop.hpp>
 #include <dynup/version.hpp>
 
+#include <pthread.h>
 #include <unistd.h>
 
 #include <condition_variable>
@@ -73,6 +74,7 @@ public:
 
 private:
   void run() {
+    ::pthread_setname_np(::pthread_self(), "dynup-worker");
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
       cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });

@@ -465,6 +465,7 @@ public:
       agent_ = &runtime_->service<ConsulAgents>().at(endpoint_);
       direct_ = agent_->join(this);
       joined_ = true;
+      core.set_mode(direct_ ? "direct" : "shared");
     }
     if (direct_) {
       blocking_round(std::move(end));

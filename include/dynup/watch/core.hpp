@@ -219,6 +219,13 @@ public:
     return status_;
   }
 
+  /// How changes reach this watcher (WatcherStatus::mode), and why not as intended.
+  void set_mode(std::string mode, std::string why = {}) {
+    std::lock_guard<std::mutex> lock(mu_);
+    status_.mode = std::move(mode);
+    status_.mode_error = std::move(why);
+  }
+
   /// Sleeps up to `d`; returns false at once when stop was requested.
   bool sleep_for(std::chrono::milliseconds d) {
     std::unique_lock<std::mutex> lock(sleep_mu_);

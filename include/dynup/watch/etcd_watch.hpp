@@ -302,6 +302,7 @@ public:
       hub_ = &runtime_->service<EtcdHubs>().at(endpoint_);
       const auto w = core.options().wait.count() > 0 ? core.options().wait : WatchOptions{}.wait;
       hub_->join(this, w);
+      core.set_mode("shared stream");
     }
     if (need_range_)
       range(std::move(end));

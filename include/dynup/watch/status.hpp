@@ -29,7 +29,9 @@ struct WatcherStatus {
   bool ready = false;
   std::uint64_t publish_count = 0;
   /// How changes reach the watcher, where that can vary: a file watcher says "inotify",
-  /// or "poll" while inotify cannot be used. Empty for registry watchers.
+  /// or "poll" while inotify cannot be used; a Consul watcher "direct" (a blocking query
+  /// of its own) or "shared" (the agent's cluster-wide indexes, past the connection
+  /// budget); an etcd watcher "shared stream". Empty before the first fetch.
   std::string mode;
   /// Why the watcher is not in its intended mode, with the cause and the consequence
   /// ("inotify_add_watch(/etc/dynup): No space left on device; polling every 1000 ms").
