@@ -588,6 +588,8 @@ public:
     ConsulDouble& d_;
   };
 
+  /// Runs `edit` as one change (see Batch). O(edits x instances per service). If an
+  /// edit throws, the edits before it stay applied and the exception propagates.
   void batch(const std::function<void(Batch&)>& edit) {
     change([&] {
       Batch b(*this);
@@ -595,7 +597,7 @@ public:
     });
   }
 
-  /// set_service for each entry, as one batch.
+  /// set_service for each entry, as one batch (one lock, one index, one wake-up).
   void set_services(std::map<std::string, std::vector<ConsulInstance>> services) {
     batch([&](Batch& b) {
       for (auto& [name, instances] : services) b.set_service(name, std::move(instances));
