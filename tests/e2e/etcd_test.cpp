@@ -6,6 +6,7 @@
 
 #include <dynup/source/etcd.hpp>
 #include <dynup/runtime/runtime.hpp>
+#include <dynup/watch/any.hpp>
 #include <dynup/watch/etcd_watch.hpp>
 #include <dynup/watch/registry_watcher.hpp>
 
@@ -439,4 +440,54 @@ TEST_CASE("etcd: progress notifications keep a quiet watch open and advance its 
   CHECK(dynup_test::stays_true_for([&] { return h.probe->streams == 1; }, 2000ms));
   CHECK(h.publisher.current()->source_index() == published); // nothing here changed
   CHECK(h.errors().empty());
+}
+
+TEST_CASE("etcd: 1000 prefixes share one watch stream, and a change under each is published there") {
+  Etcd& etcd = shared_etcd();
+  constexpr std::size_t n = 1000;
+  auto prefix = [](std::size_t i) { return "/dynup-e2e/many/svc-" + std::to_string(i) + "/"; };
+  std::vector<std::pair<std::string, std::string>> first, second;
+  for (std::size_t i = 0; i < n; ++i) {
+    first.emplace_back(prefix(i) + "a", "10.0.0.1:" + std::to_string(10000 + i));
+    second.emplace_back(prefix(i) + "b", "10.0.0.2:" + std::to_string(20000 + i));
+  }
+  etcd.put_many(first);
+
+  auto rt = dynup::rt::Runtime::acquire();
+  REQUIRE(rt);
+  std::vector<std::unique_ptr<dynup::Publisher>> pubs;
+  std::vector<dynup::Watcher> watchers;
+  auto o = Harness::fast();
+  for (std::size_t i = 0; i < n; ++i) {
+    pubs.push_back(std::make_unique<dynup::Publisher>());
+    auto w = dynup::Watcher::start(*pubs.back(), etcd.spec(prefix(i)), o);
+    REQUIRE_MESSAGE(w, (w ? "" : w.error().message()));
+    watchers.push_back(std::move(w).value());
+  }
+  for (std::size_t i = 0; i < n; ++i) REQUIRE(pubs[i]->current()->size() == 1);
+
+  etcd.put_many(second);
+  REQUIRE(wait_until(
+      [&] {
+        for (std::size_t i = 0; i < n; ++i)
+          if (pubs[i]->current()->size() != 2) return false;
+        return true;
+      },
+      30000ms));
+  for (std::size_t i = 0; i < n; ++i) CHECK(pubs[i]->version() == 2);
+
+  const dynup::rt::HttpEndpoint at{"127.0.0.1", etcd.client_port(), false};
+  std::uint64_t opened = 0;
+  bool streaming = false;
+  (*rt)->loop().run_sync([&] {
+    auto& hub = (*rt)->service<dynup::EtcdHubs>().at(at);
+    opened = hub.streams_opened();
+    streaming = hub.streaming();
+  });
+  CHECK(streaming);
+  // One stream for the thousand: opened for svc-0/, reopened once, wider, when svc-1/
+  // joined ("/dynup-e2e/many/svc-" covers every later one).
+  CHECK(opened == 2);
+  for (auto& w : watchers) CHECK(w.status().mode == "shared stream");
+  for (auto& w : watchers) w.stop();
 }

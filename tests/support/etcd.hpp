@@ -19,7 +19,9 @@
 #include <filesystem>
 #include <memory>
 #include <stdexcept>
+#include <algorithm>
 #include <string>
+#include <utility>
 #include <system_error>
 #include <thread>
 #include <vector>
@@ -111,6 +113,19 @@ public:
   std::int64_t put(const std::string& key, const std::string& value) {
     auto doc = call("/v3/kv/put", {{"key", b64(key)}, {"value", b64(value)}});
     return revision_of(doc);
+  }
+
+  /// Puts every pair, 100 to a transaction (etcd's --max-txn-ops is 128 by default);
+  /// returns the revision of the last transaction.
+  std::int64_t put_many(const std::vector<std::pair<std::string, std::string>>& pairs) {
+    std::int64_t rev = 0;
+    for (std::size_t at = 0; at < pairs.size(); at += 100) {
+      nlohmann::json ops = nlohmann::json::array();
+      for (std::size_t i = at; i < std::min(pairs.size(), at + 100); ++i)
+        ops.push_back({{"request_put", {{"key", b64(pairs[i].first)}, {"value", b64(pairs[i].second)}}}});
+      rev = revision_of(call("/v3/kv/txn", {{"success", ops}}));
+    }
+    return rev;
   }
 
   /// Deletes `key`; returns the store revision after the delete.

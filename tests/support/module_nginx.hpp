@@ -61,6 +61,8 @@ struct ModuleNginxOptions {
   /// When set, these backends are saved as the last-known-good file before nginx starts
   /// and passed as `snapshot=` (registry sources only).
   std::optional<std::vector<std::size_t>> snapshot;
+  /// Adds to the layout after the module's lines (more upstreams, locations, main lines).
+  std::function<void(const WorkerNginx&, WorkerNginxLayout&)> extend;
 };
 
 /// A running nginx with the native module. Not thread-safe: one test thread drives it.
@@ -129,6 +131,7 @@ private:
         l.proxy += "      proxy_set_header Connection \"\";\n";
       }
       l.status += "      dynup_status;\n";
+      if (o.extend) o.extend(n, l);
       return l;
     };
   }

@@ -125,9 +125,11 @@ inline std::string describe(const PeerAddresses& peers) {
 /// whole lines, indented for its place.
 struct WorkerNginxLayout {
   std::vector<std::string> load_modules; ///< paths of dynamic modules, in load order
+  std::string main;                      ///< main-context lines (worker_rlimit_nofile, …)
   std::string http;                      ///< http-level lines, before `upstream api`
   std::string upstream;                  ///< the body of `upstream api { … }`
   std::string proxy;                     ///< extra lines of `location /`, after the retry rules
+  std::string locations;                 ///< extra location blocks of the proxy server
   std::string status;                    ///< the body of `location = /status` (X-Worker-Pid is added)
 };
 
@@ -321,6 +323,7 @@ private:
     // the build tree); the file source needs the peer file readable by the workers.
     if (::geteuid() == 0) c += "user root;\n";
     c += "worker_processes " + std::to_string(shape_.workers) + ";\n";
+    c += layout.main;
     c += nginx_config_head(dir_.path());
     c += layout.http;
     c += "  upstream api {\n";
@@ -333,6 +336,7 @@ private:
     c += "      add_header X-Worker-Pid $pid always;\n";
     c += layout.status;
     c += "    }\n";
+    c += layout.locations;
     c += "    location / {\n";
     c += "      proxy_pass http://api;\n";
     c += "      proxy_next_upstream error timeout;\n";
