@@ -105,7 +105,8 @@ public:
     outcomes_.clear();
   }
 
-  std::atomic<std::uint64_t> probes_sent{0};
+  // Any thread.
+  std::uint64_t probes_sent() const noexcept { return probes_sent_.load(std::memory_order_relaxed); }
 
 private:
   struct Probe;
@@ -330,7 +331,7 @@ private:
   void start(State& s) {
     queue_.erase(s.slot);
     s.queued = false;
-    probes_sent.fetch_add(1, std::memory_order_relaxed);
+    probes_sent_.fetch_add(1, std::memory_order_relaxed);
     auto owned = std::make_unique<Probe>();
     Probe& p = *owned;
     p.serial = ++serials_;
@@ -526,6 +527,7 @@ private:
   std::mutex mu_; // guards pending_
   std::vector<Target> pending_;
   std::atomic<bool> dirty_{false};
+  std::atomic<std::uint64_t> probes_sent_{0};
 
   // Loop thread only.
   bool stopped_ = false;
@@ -626,7 +628,7 @@ public:
 
   /// Probes started since construction, failed name lookups included. Any thread.
   std::uint64_t probes_sent() const noexcept {
-    return core_ ? core_->probes_sent.load(std::memory_order_relaxed) : 0;
+    return core_ ? core_->probes_sent() : 0;
   }
 
 private:

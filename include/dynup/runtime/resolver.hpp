@@ -28,6 +28,7 @@
 // so a process that only names IP literals runs none.
 #define DYNUP_RESOLVER_THREADS 2
 #endif
+static_assert(DYNUP_RESOLVER_THREADS >= 1, "DYNUP_RESOLVER_THREADS: at least one lookup at a time");
 
 DYNUP_NAMESPACE_BEGIN
 namespace rt {
