@@ -768,7 +768,8 @@ TEST_CASE("300 checkers probing loopback listeners run on as many threads as one
         return std::all_of(tallies.begin(), tallies.end(), [](const std::unique_ptr<Tally>& t) { return t->ok == 2; });
       },
       10000ms);
-  CHECK(thread_count() == with_one);
+  // At most: a thread of an earlier test may still be ending, never one more.
+  CHECK(thread_count() <= with_one);
   CHECK(all);
   int failed = 0;
   for (const auto& t : tallies) failed += t->total - t->ok;
@@ -852,8 +853,8 @@ TEST_CASE("kind none starts no thread") {
   {
     ActiveChecker checker(options(Kind::none, 20ms, 1000ms), [](const ProbeResult&) {});
     checker.set_targets(make_set({peer("a", "127.0.0.1", 1)}));
-    CHECK(thread_count() == before);
+    CHECK(thread_count() <= before); // an earlier test's runtime may still be ending
     checker.stop();
   }
-  CHECK(thread_count() == before);
+  CHECK(thread_count() <= before);
 }
