@@ -8,6 +8,7 @@
 #include <dynup/version.hpp>
 
 #include <netdb.h>
+#include <pthread.h>
 #include <sys/socket.h>
 
 #include <condition_variable>
@@ -143,6 +144,7 @@ private:
   };
 
   static void run(std::shared_ptr<State> st, Loop* loop, std::size_t me) {
+    ::pthread_setname_np(::pthread_self(), "dynup-resolver");
     std::unique_lock<std::mutex> lock(st->mu);
     for (;;) {
       st->cv.wait(lock, [&] { return st->stopping || !st->jobs.empty(); });
