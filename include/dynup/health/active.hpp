@@ -613,10 +613,11 @@ public:
   /// Stops probing and closes probes in flight; no callback of this checker runs after
   /// it returns. From another thread it runs the stop on the loop and waits for it: a
   /// callback under way finishes first (within milliseconds, as callbacks do not block),
-  /// so do not call it holding a lock that the callback takes. From the loop thread (the
-  /// callback, or another loop task) it stops at once without waiting: it cannot
-  /// deadlock there, and the rest of the callback still runs. A lookup under way is not
-  /// waited for; its answer is dropped. Idempotent, noexcept (out of memory terminates).
+  /// so do not call it holding a lock that the callback takes, nor from a thread the
+  /// loop may be waiting for. From the loop thread (the callback, or another loop task)
+  /// it stops at once without waiting: it cannot deadlock there, and the rest of the
+  /// callback still runs. A lookup under way is not waited for; its answer is dropped.
+  /// Idempotent, noexcept (out of memory terminates).
   void stop() noexcept {
     if (!core_) return;
     detail::ActiveProbes* core = core_.get();
