@@ -7,6 +7,7 @@
 #include <httplib.h>
 
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -226,8 +227,9 @@ public:
 class RawServer {
 public:
   /// `trickle`: write the answer a byte at a time, so it arrives in many reads.
-  explicit RawServer(std::string answer, bool trickle = false)
-      : listener_(16), answer_(std::move(answer)), trickle_(trickle) {
+  /// `backlog`: connections the kernel completes before this thread accepts them.
+  explicit RawServer(std::string answer, bool trickle = false, int backlog = 16)
+      : listener_(backlog), answer_(std::move(answer)), trickle_(trickle) {
     stop_fd_ = ::eventfd(0, EFD_CLOEXEC);
     REQUIRE(stop_fd_ >= 0);
     thread_ = std::thread([this] { run(); });
@@ -278,6 +280,17 @@ private:
   std::atomic<std::size_t> accepted_{0};
   std::thread thread_;
 };
+
+// Threads of this process, as the kernel counts them.
+std::size_t thread_count() {
+  std::size_t n = 0;
+  DIR* d = ::opendir("/proc/self/task");
+  REQUIRE(d != nullptr);
+  while (dirent* e = ::readdir(d))
+    if (e->d_name[0] != '.') ++n;
+  ::closedir(d);
+  return n;
+}
 
 bool starts_with(const std::string& s, const std::string& prefix) { return s.compare(0, prefix.size(), prefix) == 0; }
 
@@ -715,4 +728,133 @@ TEST_CASE("kind none probes nothing") {
   CHECK(checker.targets() == 0);
   CHECK(stays_true_for([&] { return server.hits() == 0 && checker.probes_sent() == 0; }, 200ms));
   checker.stop();
+}
+
+// Answers every connection at once with 200 and closes: many checkers' probes, tcp
+// (which close without sending) and http alike, on one thread.
+const char* const kOk = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+
+// Results of one checker among many.
+struct Tally {
+  std::atomic<int> ok{0}, total{0};
+};
+
+TEST_CASE("300 checkers probing loopback listeners run on as many threads as one, and each delivers") {
+  RawServer server(kOk, false, 1024);
+  const std::size_t before = thread_count();
+  constexpr int kCheckers = 300;
+  std::vector<std::unique_ptr<Tally>> tallies;
+  std::vector<std::unique_ptr<ActiveChecker>> checkers;
+  auto add = [&](int i) {
+    tallies.push_back(std::make_unique<Tally>());
+    Tally* t = tallies.back().get();
+    // A long interval: each peer is probed once here, so every result can be counted.
+    auto o = options(i % 2 ? Kind::tcp : Kind::http, 60000ms, 5000ms);
+    checkers.push_back(std::make_unique<ActiveChecker>(o, [t](const ProbeResult& r) {
+      if (r.ok) ++t->ok;
+      ++t->total;
+    }));
+    auto n = std::to_string(i);
+    checkers.back()->set_targets(
+        make_set({peer("a" + n, "127.0.0.1", server.port()), peer("b" + n, "127.0.0.1", server.port())}));
+  };
+  add(0);
+  REQUIRE(wait_until([&] { return tallies[0]->ok == 2; }, 10000ms));
+  const std::size_t with_one = thread_count();
+  CHECK(with_one <= before + static_cast<std::size_t>(dynup::rt::Runtime::threads));
+  for (int i = 1; i < kCheckers; ++i) add(i);
+  bool all = wait_until(
+      [&] {
+        return std::all_of(tallies.begin(), tallies.end(), [](const std::unique_ptr<Tally>& t) { return t->ok == 2; });
+      },
+      10000ms);
+  // At most: a thread of an earlier test may still be ending, never one more.
+  CHECK(thread_count() <= with_one);
+  CHECK(all);
+  int failed = 0;
+  for (const auto& t : tallies) failed += t->total - t->ok;
+  CHECK(failed == 0);
+}
+
+TEST_CASE("stopping one of 300 checkers while its probes are in flight delivers nothing afterwards") {
+  RawServer fast(kOk, false, 1024);
+  HttpServer held;
+  held.set_hold(10000ms);
+  std::atomic<int> others{0};
+  std::vector<std::unique_ptr<ActiveChecker>> checkers;
+  for (int i = 0; i < 299; ++i) {
+    auto o = options(i % 2 ? Kind::tcp : Kind::http, 500ms, 5000ms);
+    checkers.push_back(std::make_unique<ActiveChecker>(o, [&](const ProbeResult&) { ++others; }));
+    checkers.back()->set_targets(make_set({peer("p" + std::to_string(i), "127.0.0.1", fast.port())}));
+  }
+  // The victim has a probe held by the server, and quick ones finishing all the time,
+  // so its stop() races with deliveries.
+  std::atomic<bool> stopped{false};
+  std::atomic<int> victim{0}, late{0};
+  ActiveChecker checker(options(Kind::http, 10ms, 5000ms), [&](const ProbeResult&) {
+    if (stopped) ++late;
+    ++victim;
+  });
+  std::vector<dynup::Peer> peers{peer("held", "127.0.0.1", held.port())};
+  for (int i = 0; i < 5; ++i) peers.push_back(peer("quick" + std::to_string(i), "127.0.0.1", fast.port()));
+  checker.set_targets(make_set(peers));
+  REQUIRE(wait_until([&] { return held.hits() >= 1 && victim >= 10; }, 10000ms));
+  checker.stop();
+  stopped = true;
+  const int delivered = victim;
+  held.release(); // the held probe now gets its answer, which nobody may see
+  const int others_before = others;
+  CHECK(stays_true_for([&] { return late == 0; }, 500ms));
+  CHECK(victim == delivered);
+  CHECK(others > others_before); // the loop went on serving every other checker
+  CHECK(wait_until([&] { return others >= others_before + 100; }, 10000ms));
+}
+
+TEST_CASE("a checker destroyed inside its own callback delivers nothing more") {
+  HttpServer server;
+  std::atomic<int> calls{0};
+  std::unique_ptr<ActiveChecker> checker;
+  checker = std::make_unique<ActiveChecker>(options(Kind::http, 10ms, 1000ms), [&](const ProbeResult&) {
+    checker.reset();
+    ++calls; // after the reset, so the test thread sees it done
+  });
+  std::vector<dynup::Peer> peers;
+  for (int i = 0; i < 4; ++i) peers.push_back(peer("d" + std::to_string(i), "127.0.0.1", server.port()));
+  checker->set_targets(make_set(peers));
+  REQUIRE(wait_until([&] { return calls == 1; }));
+  CHECK(stays_true_for([&] { return calls == 1; }, 200ms));
+}
+
+TEST_CASE("a callback may stop another checker without deadlock") {
+  HttpServer server;
+  std::atomic<int> first_calls{0}, second_calls{0};
+  std::atomic<bool> second_stopped{false};
+  ActiveChecker second(options(Kind::http, 10ms, 1000ms), [&](const ProbeResult&) {
+    if (second_stopped) first_calls = -1000; // would be a callback after stop() returned
+    ++second_calls;
+  });
+  ActiveChecker first(options(Kind::http, 10ms, 1000ms), [&](const ProbeResult&) {
+    if (++first_calls == 3) {
+      second.stop(); // on the loop's thread: stops at once, cannot wait for itself
+      second_stopped = true;
+    }
+  });
+  second.set_targets(make_set({peer("s", "127.0.0.1", server.port())}));
+  REQUIRE(wait_until([&] { return second_calls >= 1; }));
+  first.set_targets(make_set({peer("f", "127.0.0.1", server.port())}));
+  REQUIRE(wait_until([&] { return second_stopped.load(); }));
+  const int seen = second_calls;
+  CHECK(stays_true_for([&] { return second_calls == seen && first_calls >= 0; }, 200ms));
+  CHECK(wait_until([&] { return first_calls >= 6; })); // the first checker goes on
+}
+
+TEST_CASE("kind none starts no thread") {
+  const std::size_t before = thread_count();
+  {
+    ActiveChecker checker(options(Kind::none, 20ms, 1000ms), [](const ProbeResult&) {});
+    checker.set_targets(make_set({peer("a", "127.0.0.1", 1)}));
+    CHECK(thread_count() <= before); // an earlier test's runtime may still be ending
+    checker.stop();
+  }
+  CHECK(thread_count() <= before);
 }

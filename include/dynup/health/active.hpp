@@ -1,18 +1,20 @@
-// ActiveChecker: probes every peer of a set over TCP or HTTP on one thread of its own.
+// ActiveChecker: probes every peer of a set over TCP or HTTP, as data on the process's
+// runtime loop (runtime/loop.hpp): no thread of its own, however many checkers there are.
 #pragma once
 
 #include <dynup/detail/random.hpp>
 #include <dynup/health/options.hpp>
 #include <dynup/peer.hpp>
 #include <dynup/peer_set.hpp>
+#include <dynup/runtime/loop.hpp>
+#include <dynup/runtime/resolver.hpp>
+#include <dynup/runtime/runtime.hpp>
 #include <dynup/version.hpp>
 
 #include <arpa/inet.h>
-#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <poll.h>
-#include <sys/eventfd.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -28,7 +30,7 @@
 #include <mutex>
 #include <string>
 #include <system_error>
-#include <thread>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -50,108 +52,69 @@ struct ProbeResult {
   int status = 0;                      ///< the HTTP status when a status line was read, else 0
 };
 
-/// Probes the peers of the last set given to `set_targets`, each every `interval`.
-///
-/// Kind tcp: success is a completed connect. Kind http: "GET <path>" (empty: "/") with
-/// Host `host_header` or the peer's host[:port] (":80" left out) and "Connection:
-/// close"; success is a status line whose status is in `expected_statuses` (empty:
-/// 200-399); nothing past the status line is read. `timeout` covers connect plus the
-/// status line, not name resolution. Every peer is probed, backups and peers the
-/// registry calls critical included: an active result is evidence of its own, which the
-/// tracker merges with the registry's.
-///
-/// Scheduling: a new peer's first probe comes soon, at a random point within 1 ms per
-/// peer added by the same update, capped at min(interval, 1 s), so 10 000 new peers do
-/// not fire at once (nor in step afterwards); later probes start `interval` after the
-/// previous start. At most `max_concurrent` (at least 1) probes are in flight; the rest
-/// wait, earliest due first, and a peer never has two probes at once. A peer whose
-/// host or port changes is re-probed promptly at the new address.
-///
-/// Threads: one checker thread runs a poll(2) loop over non-blocking sockets. IP
-/// literals need no lookup; a DNS name is resolved with getaddrinfo on that thread
-/// (first address), so a slow resolver delays other probes and stop(). Callbacks run
-/// on the checker thread, one at a time; an exception from one is swallowed. A result
-/// for a peer that a later `set_targets` removed, or moved, is dropped, unless its
-/// delivery had already begun. Kind none: no thread, and `set_targets` does nothing.
-/// A zero or negative interval or timeout means the default (5 s, 1 s); max_concurrent
-/// 0 means 1. Memory: O(peers) on the checker thread, O(max_concurrent) sockets.
-class ActiveChecker {
+namespace detail {
+
+/// One checker's peers, schedule and probes. Everything but set_targets() and the
+/// counters runs on the runtime loop's thread, so none of it is locked. Held by a
+/// shared_ptr: every loop callback holds it weakly and strongly only while it runs, so a
+/// checker destroyed inside its own callback is freed once that callback returns.
+class ActiveProbes : public std::enable_shared_from_this<ActiveProbes> {
 public:
-  using ResultCallback = std::function<void(const ProbeResult&)>;
-
-  /// Starts the checker thread (none for Kind::none); throws std::system_error if the
-  /// eventfd or the thread cannot be created.
-  ActiveChecker(ActiveCheckOptions options, ResultCallback on_result)
-      : options_(with_defaults(std::move(options))), on_result_(std::move(on_result)),
-        expected_text_(expected_text(options_.expected_statuses)) {
-    if (options_.kind == ActiveCheckOptions::Kind::none) return;
-    wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (wake_fd_ < 0) throw std::system_error(errno, std::generic_category(), "dynup: eventfd");
-    try {
-      thread_ = std::thread([this] { run(); });
-    } catch (...) {
-      ::close(wake_fd_);
-      throw;
-    }
-  }
-
-  /// Stops the thread; must not run on the checker thread (i.e. inside the callback).
-  ~ActiveChecker() {
-    stop();
-    if (wake_fd_ >= 0) ::close(wake_fd_);
-  }
-
-  ActiveChecker(const ActiveChecker&) = delete;
-  ActiveChecker& operator=(const ActiveChecker&) = delete;
-
-  /// Makes `peers` the probed set. Safe from any thread, the callback included: copies
-  /// ids and addresses (O(n), allocates), swaps them in under a mutex and wakes the
-  /// thread, which does the rest. Never waits for a probe or a callback.
-  void set_targets(const PeerSet& peers) {
-    if (options_.kind == ActiveCheckOptions::Kind::none) return;
-    std::vector<Target> list;
-    list.reserve(peers.size());
-    for (const Peer& p : peers) list.push_back({p.id, p.host, p.port}); // sorted by id
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      pending_ = std::move(list);
-      dirty_.store(true, std::memory_order_release);
-    }
-    target_count_.store(peers.size(), std::memory_order_relaxed);
-    wake();
-  }
-
-  /// Stops probing and joins the thread within milliseconds, closing probes in flight
-  /// (a getaddrinfo or callback under way finishes first). Idempotent, noexcept. Called
-  /// from the callback, it only asks the thread to end once the callback returns.
-  void stop() noexcept {
-    if (wake_fd_ < 0) return;
-    stopping_.store(true, std::memory_order_release);
-    wake();
-    if (self_.load(std::memory_order_acquire) == std::this_thread::get_id()) return;
-    std::lock_guard<std::mutex> lock(join_mu_);
-    if (thread_.joinable()) thread_.join();
-  }
-
-  /// Peers in the last set given to set_targets (0 for Kind::none). Any thread.
-  std::size_t targets() const noexcept { return target_count_.load(std::memory_order_relaxed); }
-
-  /// Probes started since construction, failed name lookups included. Any thread.
-  std::uint64_t probes_sent() const noexcept { return probes_sent_.load(std::memory_order_relaxed); }
-
-private:
   using Clock = std::chrono::steady_clock;
+  using ResultCallback = std::function<void(const ProbeResult&)>;
 
   struct Target {
     std::string id, host;
     std::uint16_t port;
   };
 
+  ActiveProbes(std::shared_ptr<rt::Runtime> runtime, ActiveCheckOptions options, ResultCallback on_result)
+      : runtime_(std::move(runtime)), loop_(runtime_->loop()), options_(std::move(options)),
+        on_result_(std::move(on_result)), expected_text_(expected_text(options_.expected_statuses)) {}
+
+  ActiveProbes(const ActiveProbes&) = delete;
+  ActiveProbes& operator=(const ActiveProbes&) = delete;
+
+  rt::Loop& loop() noexcept { return loop_; }
+
+  // Any thread. The set waits in pending_ so that a delivery on the loop can check the
+  // newest one first, even before the posted task runs.
+  void set_targets(std::vector<Target> list) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      pending_ = std::move(list);
+      dirty_.store(true, std::memory_order_release);
+    }
+    loop_.post([w = weak_from_this()] {
+      if (auto self = w.lock()) self->on_targets();
+    });
+  }
+
+  // Loop thread: closes every probe and forgets every peer; no callback follows.
+  void shutdown() noexcept {
+    if (stopped_) return;
+    stopped_ = true;
+    if (timer_ != 0) loop_.cancel(timer_);
+    timer_ = 0;
+    for (auto& entry : inflight_) close_probe(*entry.second);
+    inflight_.clear();
+    deadlines_.clear();
+    finished_.clear();
+    queue_.clear();
+    peers_.clear();
+    outcomes_.clear();
+  }
+
+  // Any thread.
+  std::uint64_t probes_sent() const noexcept { return probes_sent_.load(std::memory_order_relaxed); }
+
+private:
   struct Probe;
   struct State;
   using Queue = std::multimap<Clock::time_point, State*>;
+  using Deadlines = std::multimap<Clock::time_point, Probe*>;
 
-  // One member of the current set; owned by the checker thread.
+  // One member of the current set.
   struct State {
     const std::string* id = nullptr; // the key in peers_
     std::string host;
@@ -162,14 +125,17 @@ private:
     Queue::iterator slot;
   };
 
-  enum class Phase : std::uint8_t { connecting, sending, reading, done };
+  enum class Phase : std::uint8_t { resolving, connecting, sending, reading, done };
 
   struct Probe {
+    std::uint64_t serial = 0; // the key in inflight_; loop callbacks find the probe by it
     State* peer = nullptr;
     std::uint64_t epoch = 0;
     int fd = -1;
-    Phase phase = Phase::connecting;
-    Clock::time_point began, deadline;
+    Phase phase = Phase::resolving;
+    Clock::time_point began;
+    bool has_deadline = false;
+    Deadlines::iterator deadline;
     std::string request;
     std::size_t sent = 0;
     std::string answer;
@@ -179,16 +145,6 @@ private:
     ProbeResult result;
     std::uint64_t epoch;
   };
-
-  static ActiveCheckOptions with_defaults(ActiveCheckOptions o) {
-    ActiveCheckOptions d;
-    if (o.interval.count() <= 0) o.interval = d.interval;
-    if (o.timeout.count() <= 0) o.timeout = d.timeout;
-    if (o.max_concurrent == 0) o.max_concurrent = 1;
-    if (o.path.empty()) o.path = "/";
-    if (o.expected_statuses.empty()) o.expected_statuses = d.expected_statuses;
-    return o;
-  }
 
   static std::string expected_text(const std::vector<std::pair<int, int>>& ranges) {
     std::string s;
@@ -200,54 +156,80 @@ private:
     return s;
   }
 
-  void wake() noexcept {
-    std::uint64_t one = 1;
-    [[maybe_unused]] auto n = ::write(wake_fd_, &one, sizeof one);
+  // Every entry point from the loop ends here: start what is due, deliver what finished,
+  // and arm the timer for what comes next. After deliver() a callback may have stopped
+  // the checker (or destroyed it: this object lives on until the entry point returns).
+  void settle() {
+    compact();
+    while (active() < options_.max_concurrent && !queue_.empty() && queue_.begin()->first <= Clock::now())
+      start(*queue_.begin()->second);
+    compact();
+    deliver();
+    if (stopped_) return;
+    compact();
+    rearm();
   }
 
-  void run() {
-    self_.store(std::this_thread::get_id(), std::memory_order_release);
-    std::vector<pollfd> fds;
-    while (!stopping_.load(std::memory_order_acquire)) {
-      apply_targets();
-      auto now = Clock::now();
-      for (auto& p : inflight_)
-        if (now >= p->deadline)
-          complete(*p, false,
-                   "timed out after " + std::to_string(options_.timeout.count()) + " ms (" +
-                       (p->phase == Phase::connecting ? "connect" : "response") + ")");
-      compact();
-      while (inflight_.size() < options_.max_concurrent && !queue_.empty() &&
-             queue_.begin()->first <= Clock::now() && !stopping_.load(std::memory_order_relaxed))
-        start(*queue_.begin()->second);
-      deliver();
-      if (stopping_.load(std::memory_order_acquire)) break;
+  std::size_t active() const noexcept { return inflight_.size() - finished_.size(); }
 
-      now = Clock::now();
-      auto wake_at = Clock::time_point::max();
-      for (auto& p : inflight_) wake_at = std::min(wake_at, p->deadline);
-      if (inflight_.size() < options_.max_concurrent && !queue_.empty())
-        wake_at = std::min(wake_at, queue_.begin()->first);
-      int wait_ms = -1;
-      if (wake_at != Clock::time_point::max()) {
-        auto ms = std::chrono::ceil<std::chrono::milliseconds>(wake_at - now).count();
-        wait_ms = static_cast<int>(std::clamp<long long>(ms, 0, 60000));
-      }
-      fds.assign(1, pollfd{wake_fd_, POLLIN, 0});
-      for (auto& p : inflight_)
-        fds.push_back({p->fd, static_cast<short>(p->phase == Phase::reading ? POLLIN : POLLOUT), 0});
-      int rc = ::poll(fds.data(), fds.size(), wait_ms);
-      if (rc <= 0) continue; // timeout or EINTR: the top of the loop does the work
-      if (fds[0].revents) {
-        std::uint64_t count;
-        [[maybe_unused]] auto n = ::read(wake_fd_, &count, sizeof count);
-      }
-      for (std::size_t i = 1; i < fds.size(); ++i)
-        if (fds[i].revents) advance(*inflight_[i - 1], fds[i].revents);
-      compact();
+  void compact() {
+    for (std::uint64_t serial : finished_) inflight_.erase(serial);
+    finished_.clear();
+  }
+
+  // One loop timer per checker, at its earliest due time (a probe's deadline, or the
+  // next queued start when a slot is free). Per-peer loop timers would put every peer
+  // of every checker (50 000 for 1000 x 50) into the loop's one timer map, each
+  // reschedule taking its lock and allocating; here rescheduling a peer is a local
+  // multimap move, and the loop holds at most one timer per checker, re-armed only when
+  // the earliest due time moves earlier. A timer that fires early re-arms itself.
+  void rearm() {
+    auto next = Clock::time_point::max();
+    if (!deadlines_.empty()) next = deadlines_.begin()->first;
+    if (active() < options_.max_concurrent && !queue_.empty()) next = std::min(next, queue_.begin()->first);
+    if (next == Clock::time_point::max() || (timer_ != 0 && armed_at_ <= next)) return;
+    if (timer_ != 0) loop_.cancel(timer_);
+    armed_at_ = next;
+    timer_ = loop_.at(next, [w = weak_from_this()] {
+      if (auto self = w.lock()) self->on_timer();
+    });
+  }
+
+  void on_timer() {
+    timer_ = 0;
+    if (stopped_) return;
+    const auto now = Clock::now();
+    while (!deadlines_.empty() && deadlines_.begin()->first <= now) {
+      Probe& p = *deadlines_.begin()->second;
+      complete(p, false,
+               "timed out after " + std::to_string(options_.timeout.count()) + " ms (" +
+                   (p.phase == Phase::connecting ? "connect" : "response") + ")");
     }
-    for (auto& p : inflight_) close_probe(*p);
-    inflight_.clear();
+    settle();
+  }
+
+  void on_targets() {
+    if (stopped_) return;
+    apply_targets();
+    settle();
+  }
+
+  void on_ready(std::uint64_t serial, std::uint32_t events) {
+    auto it = inflight_.find(serial);
+    if (stopped_ || it == inflight_.end() || it->second->phase == Phase::done) return;
+    advance(*it->second, events);
+    settle();
+  }
+
+  void on_resolved(std::uint64_t serial, const std::string& host, rt::Resolved r) {
+    auto it = inflight_.find(serial);
+    if (stopped_ || it == inflight_.end() || it->second->phase != Phase::resolving) return; // dropped
+    Probe& p = *it->second;
+    if (r.ok())
+      connect(p, r.addr, r.len);
+    else
+      complete(p, false, "cannot resolve host: " + host + " (" + r.error + ")");
+    settle();
   }
 
   // Merges the latest set into peers_: both are sorted by id, so O(n + m).
@@ -297,7 +279,6 @@ private:
       }
     }
     while (it != peers_.end()) it = erase_peer(it);
-    compact();
   }
 
   // First probes of `added` new peers spread over 1 ms each, at most min(interval, 1 s):
@@ -332,47 +313,47 @@ private:
     p.peer = nullptr;
   }
 
-  void close_probe(Probe& p) {
-    if (p.fd >= 0) ::close(p.fd);
-    p.fd = -1;
+  // Closes the socket and marks the probe for removal by compact(): callers up the
+  // stack may still hold a reference to it.
+  void close_probe(Probe& p) noexcept {
+    if (p.phase == Phase::done) return;
+    if (p.fd >= 0) {
+      loop_.unwatch(p.fd);
+      ::close(p.fd);
+      p.fd = -1;
+    }
+    if (p.has_deadline) deadlines_.erase(p.deadline);
+    p.has_deadline = false;
     p.phase = Phase::done;
-  }
-
-  void compact() {
-    inflight_.erase(std::remove_if(inflight_.begin(), inflight_.end(),
-                                   [](const std::unique_ptr<Probe>& p) { return p->phase == Phase::done; }),
-                    inflight_.end());
+    finished_.push_back(p.serial);
   }
 
   void start(State& s) {
     queue_.erase(s.slot);
     s.queued = false;
     probes_sent_.fetch_add(1, std::memory_order_relaxed);
-    auto p = std::make_unique<Probe>();
-    p->peer = &s;
-    p->epoch = s.epoch;
-    p->began = Clock::now();
-    s.probe = p.get();
-    open_connection(*p);
-    if (p->phase != Phase::done) inflight_.push_back(std::move(p));
-  }
-
-  void open_connection(Probe& p) {
+    auto owned = std::make_unique<Probe>();
+    Probe& p = *owned;
+    p.serial = ++serials_;
+    p.peer = &s;
+    p.epoch = s.epoch;
+    p.began = Clock::now();
+    s.probe = &p;
+    inflight_.emplace(p.serial, std::move(owned));
     sockaddr_storage addr{};
     socklen_t len = 0;
-    const State& s = *p.peer;
-    if (!resolve(s.host, s.port, addr, len, p)) return;
-    p.deadline = Clock::now() + options_.timeout;
-    p.fd = ::socket(addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (p.fd < 0) return complete(p, false, "cannot create a socket: " + error_text(errno));
-    int one = 1;
-    ::setsockopt(p.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    if (::connect(p.fd, reinterpret_cast<const sockaddr*>(&addr), len) == 0) return connected(p);
-    if (errno != EINPROGRESS) return complete(p, false, connect_error(errno));
+    if (literal_address(s.host, s.port, addr, len)) return connect(p, addr, len);
+    // getaddrinfo blocks: on the loop a slow resolver would stall every upstream of the
+    // process, so names go to the runtime's resolver threads and come back posted. A
+    // slow resolver delays only the probes of peers named by DNS.
+    if (!resolver_) resolver_ = &runtime_->service<rt::Resolver>();
+    resolver_->resolve(s.host, s.port,
+                       [w = weak_from_this(), serial = p.serial, host = s.host](rt::Resolved r) {
+                         if (auto self = w.lock()) self->on_resolved(serial, host, std::move(r));
+                       });
   }
 
-  // IP literals directly; DNS names through getaddrinfo (blocking, first address).
-  bool resolve(const std::string& host, std::uint16_t port, sockaddr_storage& addr, socklen_t& len, Probe& p) {
+  static bool literal_address(const std::string& host, std::uint16_t port, sockaddr_storage& addr, socklen_t& len) {
     if (host_kind(host) == HostKind::ipv4) {
       auto* in = reinterpret_cast<sockaddr_in*>(&addr);
       in->sin_family = AF_INET;
@@ -384,22 +365,25 @@ private:
       in6->sin6_port = htons(port);
       if (::inet_pton(AF_INET6, host.c_str(), &in6->sin6_addr) == 1) return len = sizeof *in6, true;
     }
-    addrinfo hints{};
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_NUMERICSERV;
-    addrinfo* found = nullptr;
-    int rc = ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &found);
-    if (rc != 0 || !found || found->ai_addrlen > sizeof addr) {
-      std::string why = rc == EAI_SYSTEM ? error_text(errno) : rc != 0 ? ::gai_strerror(rc) : "no address";
-      if (found) ::freeaddrinfo(found);
-      complete(p, false, "cannot resolve host: " + host + " (" + why + ")");
-      return false;
-    }
-    std::memcpy(&addr, found->ai_addr, found->ai_addrlen);
-    len = found->ai_addrlen;
-    ::freeaddrinfo(found);
-    return true;
+    addr = sockaddr_storage{};
+    return false;
+  }
+
+  // The timeout starts here: it covers connect plus the status line, not the lookup.
+  void connect(Probe& p, const sockaddr_storage& addr, socklen_t len) {
+    p.phase = Phase::connecting;
+    p.deadline = deadlines_.emplace(Clock::now() + options_.timeout, &p);
+    p.has_deadline = true;
+    p.fd = ::socket(addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (p.fd < 0) return complete(p, false, "cannot create a socket: " + error_text(errno));
+    int one = 1;
+    ::setsockopt(p.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    auto watched = loop_.watch(p.fd, EPOLLOUT, [w = weak_from_this(), serial = p.serial](std::uint32_t events) {
+      if (auto self = w.lock()) self->on_ready(serial, events);
+    });
+    if (!watched) return complete(p, false, "cannot watch a socket: " + watched.error().message());
+    if (::connect(p.fd, reinterpret_cast<const sockaddr*>(&addr), len) == 0) return connected(p);
+    if (errno != EINPROGRESS) return complete(p, false, connect_error(errno));
   }
 
   void connected(Probe& p) {
@@ -416,14 +400,14 @@ private:
     send_some(p);
   }
 
-  void advance(Probe& p, short revents) {
+  void advance(Probe& p, std::uint32_t events) {
     if (p.phase == Phase::connecting) {
       int err = 0;
       socklen_t len = sizeof err;
       if (::getsockopt(p.fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
       if (err != 0) return complete(p, false, connect_error(err));
-      if (revents & POLLOUT) return connected(p);
-      if (revents & (POLLERR | POLLHUP)) return complete(p, false, "connection refused");
+      if (events & EPOLLOUT) return connected(p);
+      if (events & (EPOLLERR | EPOLLHUP)) return complete(p, false, "connection refused");
     } else if (p.phase == Phase::sending) {
       send_some(p);
     } else if (p.phase == Phase::reading) {
@@ -439,12 +423,14 @@ private:
       } else if (n < 0 && errno == EINTR) {
         continue;
       } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-        return; // the loop polls for POLLOUT
+        return; // still watched for EPOLLOUT
       } else {
         return complete(p, false, transfer_error(errno, "send"));
       }
     }
     p.phase = Phase::reading;
+    auto watched = loop_.modify(p.fd, EPOLLIN);
+    if (!watched) complete(p, false, "cannot watch a socket: " + watched.error().message());
   }
 
   void read_some(Probe& p) {
@@ -513,10 +499,13 @@ private:
     outcomes_.push_back({ProbeResult{*s.id, ok, std::move(reason), latency, status}, p.epoch});
   }
 
-  // Delivers finished probes, each checked against the latest set just before its call.
+  // Delivers finished probes, each checked against the latest set just before its call
+  // (a set_targets from another thread counts from its return, not from its posted task).
   void deliver() {
-    for (Outcome& o : outcomes_) {
-      if (stopping_.load(std::memory_order_acquire)) break;
+    if (outcomes_.empty()) return;
+    delivering_.swap(outcomes_);
+    for (Outcome& o : delivering_) {
+      if (stopped_) break;
       apply_targets();
       auto it = peers_.find(o.result.id);
       if (it == peers_.end() || it->second.epoch != o.epoch || !on_result_) continue;
@@ -526,31 +515,136 @@ private:
         // A throwing callback must not end probing.
       }
     }
-    outcomes_.clear();
+    delivering_.clear();
   }
 
+  const std::shared_ptr<rt::Runtime> runtime_;
+  rt::Loop& loop_;
   const ActiveCheckOptions options_;
   const ResultCallback on_result_;
   const std::string expected_text_;
-  int wake_fd_ = -1;
-  std::atomic<bool> stopping_{false};
-  std::atomic<std::thread::id> self_{};
-  std::atomic<std::size_t> target_count_{0};
-  std::atomic<std::uint64_t> probes_sent_{0};
 
   std::mutex mu_; // guards pending_
   std::vector<Target> pending_;
   std::atomic<bool> dirty_{false};
+  std::atomic<std::uint64_t> probes_sent_{0};
 
-  // Owned by the checker thread.
+  // Loop thread only.
+  bool stopped_ = false;
+  rt::Resolver* resolver_ = nullptr;
+  rt::TimerId timer_ = 0;
+  Clock::time_point armed_at_;
   std::map<std::string, State> peers_;
   Queue queue_;
-  std::vector<std::unique_ptr<Probe>> inflight_;
-  std::vector<Outcome> outcomes_;
-  std::uint64_t epochs_ = 0;
+  std::unordered_map<std::uint64_t, std::unique_ptr<Probe>> inflight_;
+  Deadlines deadlines_;
+  std::vector<std::uint64_t> finished_; // closed probes still in inflight_
+  std::vector<Outcome> outcomes_, delivering_;
+  std::uint64_t epochs_ = 0, serials_ = 0;
+};
 
-  std::mutex join_mu_;
-  std::thread thread_;
+} // namespace detail
+
+/// Probes the peers of the last set given to `set_targets`, each every `interval`.
+///
+/// Kind tcp: success is a completed connect. Kind http: "GET <path>" (empty: "/") with
+/// Host `host_header` or the peer's host[:port] (":80" left out) and "Connection:
+/// close"; success is a status line whose status is in `expected_statuses` (empty:
+/// 200-399); nothing past the status line is read. `timeout` covers connect plus the
+/// status line, not name resolution. Every peer is probed, backups and peers the
+/// registry calls critical included: an active result is evidence of its own, which the
+/// tracker merges with the registry's.
+///
+/// Scheduling: a new peer's first probe comes soon, at a random point within 1 ms per
+/// peer added by the same update, capped at min(interval, 1 s), so 10 000 new peers do
+/// not fire at once (nor in step afterwards); later probes start `interval` after the
+/// previous start. At most `max_concurrent` (at least 1) probes are in flight; the rest
+/// wait, earliest due first, and a peer never has two probes at once. A peer whose
+/// host or port changes is re-probed promptly at the new address.
+///
+/// Threads: none of its own. Every checker of a process is data on the runtime's loop
+/// thread (rt::Runtime::acquire()): non-blocking sockets watched by the loop and one
+/// loop timer per checker, so 1000 checkers run on the same threads as one. IP literals
+/// need no lookup; a DNS name is resolved with getaddrinfo (first address) on the
+/// runtime's resolver threads (rt::Resolver, started on first need), so a slow resolver
+/// delays only the probes of peers named by DNS, never the loop, other probes or stop().
+/// Callbacks run on the loop thread, one at a time, and must not block: a blocked
+/// callback delays every upstream of the process. An exception from one is swallowed. A
+/// result for a peer that a later `set_targets` removed, or moved, is dropped, unless
+/// its delivery had already begun. Kind none: nothing on the runtime (not even acquired),
+/// and `set_targets` does nothing. A zero or negative interval or timeout means the
+/// default (5 s, 1 s); max_concurrent 0 means 1. Memory: O(peers), O(max_concurrent)
+/// sockets.
+class ActiveChecker {
+public:
+  using ResultCallback = std::function<void(const ProbeResult&)>;
+
+  /// Joins the process's runtime (none for Kind::none); throws std::system_error when
+  /// the runtime cannot start (no descriptor or thread left), with its text. Allocates.
+  ActiveChecker(ActiveCheckOptions options, ResultCallback on_result) {
+    options = with_defaults(std::move(options));
+    if (options.kind == ActiveCheckOptions::Kind::none) return;
+    auto runtime = rt::Runtime::acquire();
+    if (!runtime)
+      throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again),
+                              runtime.error().message());
+    core_ = std::make_shared<detail::ActiveProbes>(std::move(runtime).value(), std::move(options), std::move(on_result));
+  }
+
+  /// stop(), then lets go of the runtime. May run inside the checker's own callback:
+  /// the state it frees lives on until that callback returns.
+  ~ActiveChecker() { stop(); }
+
+  ActiveChecker(const ActiveChecker&) = delete;
+  ActiveChecker& operator=(const ActiveChecker&) = delete;
+
+  /// Makes `peers` the probed set. Safe from any thread, the callback included: copies
+  /// ids and addresses (O(n), allocates), swaps them in under a mutex and posts to the
+  /// loop, which does the rest. Never waits for a probe or a callback.
+  void set_targets(const PeerSet& peers) {
+    if (!core_) return;
+    std::vector<detail::ActiveProbes::Target> list;
+    list.reserve(peers.size());
+    for (const Peer& p : peers) list.push_back({p.id, p.host, p.port}); // sorted by id
+    target_count_.store(peers.size(), std::memory_order_relaxed);
+    core_->set_targets(std::move(list));
+  }
+
+  /// Stops probing and closes probes in flight; no callback of this checker runs after
+  /// it returns. From another thread it runs the stop on the loop and waits for it: a
+  /// callback under way finishes first (within milliseconds, as callbacks do not block),
+  /// so do not call it holding a lock that the callback takes, nor from a thread the
+  /// loop may be waiting for. From the loop thread (the callback, or another loop task)
+  /// it stops at once without waiting: it cannot deadlock there, and the rest of the
+  /// callback still runs. A lookup under way is not waited for; its answer is dropped.
+  /// Idempotent, noexcept (out of memory terminates).
+  void stop() noexcept {
+    if (!core_) return;
+    detail::ActiveProbes* core = core_.get();
+    core->loop().run_sync([core] { core->shutdown(); });
+  }
+
+  /// Peers in the last set given to set_targets (0 for Kind::none). Any thread.
+  std::size_t targets() const noexcept { return target_count_.load(std::memory_order_relaxed); }
+
+  /// Probes started since construction, failed name lookups included. Any thread.
+  std::uint64_t probes_sent() const noexcept {
+    return core_ ? core_->probes_sent() : 0;
+  }
+
+private:
+  static ActiveCheckOptions with_defaults(ActiveCheckOptions o) {
+    ActiveCheckOptions d;
+    if (o.interval.count() <= 0) o.interval = d.interval;
+    if (o.timeout.count() <= 0) o.timeout = d.timeout;
+    if (o.max_concurrent == 0) o.max_concurrent = 1;
+    if (o.path.empty()) o.path = "/";
+    if (o.expected_statuses.empty()) o.expected_statuses = d.expected_statuses;
+    return o;
+  }
+
+  std::shared_ptr<detail::ActiveProbes> core_; // null for Kind::none
+  std::atomic<std::size_t> target_count_{0};
 };
 
 DYNUP_NAMESPACE_END

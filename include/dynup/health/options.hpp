@@ -13,7 +13,7 @@
 
 DYNUP_NAMESPACE_BEGIN
 
-/// Active checks: a probe per peer every `interval`, on the checker's own thread.
+/// Active checks: a probe per peer every `interval`, on the process's runtime loop.
 struct ActiveCheckOptions {
   enum class Kind : std::uint8_t { none, http, tcp };
   Kind kind = Kind::none;                 ///< none: no active checks
