@@ -118,7 +118,9 @@ private:
 /// the thread's own cache line). The first pick of a thread after a new table takes the
 /// table cell's mutex once to copy its pointer, and a thread's very first pick on an
 /// upstream allocates its cache slot. A failure report may take a per-peer mutex, and
-/// one that changes a peer's health posts a rebuild (a mutex and an allocation).
+/// one that changes a peer's health posts a rebuild (a mutex and an allocation). In a
+/// shared follower, the one pick that first sees a new region version posts a read of
+/// it to the loop (a mutex and an allocation, once per version).
 /// status() from any thread. The watcher and the active checker are owned here. Rebuilds
 /// and health due times run on the process's runtime (rt::Runtime: one worker and one
 /// loop thread for every upstream), never two of one upstream at once, so any number of
@@ -367,8 +369,10 @@ public:
       cancel_timer_locked(due_timer_);
       cancel_timer_locked(sweep_timer_);
     }
+    // A rebuild under way ends first: it may write the shared region, which only the
+    // lock holder may. Later tasks and timers do nothing.
+    gate_->close();
     if (shared_) shared_->stop(); // no new lead or adopt; the lock is released for another process
-    gate_->close();               // a rebuild or timer under way ends; later ones do nothing
     {
       std::lock_guard<std::mutex> lock(roles_mu_);
       watcher_.stop();
