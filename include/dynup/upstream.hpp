@@ -447,12 +447,13 @@ private:
         publisher_, config_.source, config_.watch, [this](const Snapshot&) { wake(true); }, on_error_);
     if (!watcher) {
       Error e = watcher.error().with_context("upstream " + config_.name);
+      std::unique_ptr<ActiveChecker> unused;
       {
         std::lock_guard<std::mutex> lock(roles_mu_);
-        if (checker_) checker_->stop();
-        checker_.reset();
+        unused = std::move(checker_);
         lead_error_ = e;
       }
+      unused.reset(); // stopped outside roles_mu_, which the loop takes (leader_state)
       if (shared_ && on_error_) on_error_(e); // start() returns it otherwise
       return false;
     }
@@ -649,7 +650,9 @@ private:
   detail::RcuCell<detail::UpstreamTable> tables_;
   ErrorCallback on_error_;
   std::unique_ptr<detail::SharedMember> shared_; // set in start(), then read-only
-  mutable std::mutex roles_mu_;                  // guards the three below: lead() runs late in a follower
+  // Guards the three below: lead() runs late in a follower. The loop takes it (a shared
+  // leader's leader_state hook), so nothing done under it may wait on the loop.
+  mutable std::mutex roles_mu_;
   std::unique_ptr<ActiveChecker> checker_;
   Watcher watcher_;
   std::optional<Error> lead_error_;
