@@ -1,6 +1,7 @@
 // Upstream: what an embedder uses. One upstream = a watcher (its source), a policy, a
-// health tracker, optional active checks and a rebuild thread that turns all of them
-// into an immutable routing table, published RCU-style to request threads.
+// health tracker, optional active checks and rebuilds (on the process runtime's worker)
+// that turn all of them into an immutable routing table, published RCU-style to request
+// threads.
 //
 //   auto up = dynup::Upstream::start(config_json);       // Result<std::unique_ptr<Upstream>>
 //   auto sel = (*up)->pick({key, &tried});               // any request thread
@@ -15,11 +16,13 @@
 #include <dynup/detail/lease.hpp>
 #include <dynup/detail/rcu.hpp>
 #include <dynup/detail/shared_member.hpp>
+#include <dynup/detail/task_gate.hpp>
 #include <dynup/health/active.hpp>
 #include <dynup/health/clock.hpp>
 #include <dynup/health/tracker.hpp>
 #include <dynup/publisher.hpp>
 #include <dynup/result.hpp>
+#include <dynup/runtime/runtime.hpp>
 #include <dynup/upstream_config.hpp>
 #include <dynup/version.hpp>
 #include <dynup/watch/any.hpp>
@@ -29,12 +32,11 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
+#include <cstdint>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -115,10 +117,14 @@ private:
 /// allocation, nothing shared written (a selection's lease on its table is a count in
 /// the thread's own cache line). The first pick of a thread after a new table takes the
 /// table cell's mutex once to copy its pointer, and a thread's very first pick on an
-/// upstream allocates its cache slot. A failure report may take a per-peer mutex.
-/// status() from any thread. The watcher,
-/// the active checker and the rebuild thread are owned here; nothing is global, so any
-/// number of upstreams can live in one process. stop() (or the destructor) ends them.
+/// upstream allocates its cache slot. A failure report may take a per-peer mutex, and
+/// one that changes a peer's health posts a rebuild (a mutex and an allocation). In a
+/// shared follower, the one pick that first sees a new region version posts a read of
+/// it to the loop (a mutex and an allocation, once per version).
+/// status() from any thread. The watcher and the active checker are owned here. Rebuilds
+/// and health due times run on the process's runtime (rt::Runtime: one worker and one
+/// loop thread for every upstream), never two of one upstream at once, so any number of
+/// upstreams costs no thread of their own. stop() (or the destructor) ends them all.
 class Upstream {
 public:
   using ErrorCallback = dynup::ErrorCallback;
@@ -126,13 +132,19 @@ public:
   /// Starts an upstream from its config. Returns once the first set is read (or the
   /// snapshot is served, or with strong_dependency the first fetch failed: the error).
   /// `clock` drives health timing (ejections, fail_timeout, slow start); a ManualClock
-  /// makes tests deterministic — call refresh() after moving it. `on_error` hears every
-  /// watcher error (never with a token) on the watcher's thread.
+  /// makes tests deterministic — call refresh() after moving it (a due time is also
+  /// waited for in real time: the difference between the due time and the clock's now).
+  /// `on_error` hears every watcher error (never with a token) on the watcher's thread,
+  /// and a shared upstream's errors on the runtime's threads. Errors also: Errc::io_error
+  /// when the process runtime cannot start (no thread or descriptor left).
   static Result<std::unique_ptr<Upstream>> start(UpstreamConfig config, const Clock& clock = steady_clock(),
                                                  ErrorCallback on_error = {}) {
     auto policy = make_policy(config.policy, config.policy_options);
     if (!policy) return policy.error().with_context("upstream " + config.name);
-    std::unique_ptr<Upstream> up(new Upstream(std::move(config), std::move(policy).value(), clock));
+    auto runtime = rt::Runtime::acquire();
+    if (!runtime) return runtime.error().with_context("upstream " + config.name);
+    std::unique_ptr<Upstream> up(
+        new Upstream(std::move(config), std::move(policy).value(), clock, std::move(runtime).value()));
     up->on_error_ = std::move(on_error);
     if (up->config_.shared.enabled) {
       // One process of the host leads (watches, probes, writes the region); the others
@@ -148,7 +160,7 @@ public:
         if (p->on_error_) p->on_error_(e);
       };
       hooks.leader_state = [p] { return p->watcher_status().to_json(); };
-      auto member = detail::SharedMember::open(up->config_.shared, std::move(hooks));
+      auto member = detail::SharedMember::open(up->config_.shared, std::move(hooks), up->rt_);
       if (!member) return member.error().with_context("upstream " + up->config_.name);
       up->shared_ = std::move(member).value();
       up->shared_->start();
@@ -161,7 +173,6 @@ public:
       return *up->lead_error_;
     }
     up->rebuild(); // pick() works as soon as start() returns
-    up->thread_ = std::thread([p = up.get()] { p->run(); });
     return up;
   }
 
@@ -247,7 +258,7 @@ public:
                                             ", which would overwrite a pushed set; only push:// upstreams take pushes");
       r = pusher->push(std::move(set));
     }
-    if (r && r->changed) rebuild(/*only_new_set=*/true); // the rebuild thread, woken too, may have built it
+    if (r && r->changed) rebuild(/*only_new_set=*/true); // the rebuild task, posted too, may have built it
     if (!r) return r.error().with_context("upstream " + config_.name);
     return r;
   }
@@ -256,7 +267,7 @@ public:
   std::uint64_t ejections_total() const noexcept { return tracker_.ejections_total(); }
 
   /// Rebuilds the routing table now, on the calling thread, from the current set and
-  /// health. For embedders that drive a ManualClock (tests); the rebuild thread does
+  /// health. For embedders that drive a ManualClock (tests); the runtime's worker does
   /// this by itself otherwise. Not from a callback.
   void refresh() { rebuild(); }
 
@@ -344,21 +355,29 @@ public:
     return j;
   }
 
-  /// Stops the watcher, the active checker and the rebuild thread; picks keep working on
-  /// the last table. Idempotent; returns within milliseconds; not from a callback.
+  /// Stops the watcher, the active checker, the shared member and the rebuilds; picks
+  /// keep working on the last table. Once it returns no task or timer of this upstream
+  /// runs any more, so the Upstream may be destroyed. Waits for a rebuild (or a shared
+  /// lead) under way on the runtime's threads: milliseconds, or a lead's first fetch.
+  /// Idempotent. Not from the watcher's or the checker's callbacks (their stop() joins
+  /// the thread that runs them); from a rebuild or shared-member callback on the
+  /// runtime's threads it does not wait for that callback itself.
   void stop() noexcept {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      stopping_ = true;
+      stopping_ = true; // wake() posts nothing more
+      cancel_timer_locked(due_timer_);
+      cancel_timer_locked(sweep_timer_);
     }
-    cv_.notify_all();
-    if (shared_) shared_->stop(); // no new lead; the lock is released for another process
+    // A rebuild under way ends first: it may write the shared region, which only the
+    // lock holder may. Later tasks and timers do nothing.
+    gate_->close();
+    if (shared_) shared_->stop(); // no new lead or adopt; the lock is released for another process
     {
       std::lock_guard<std::mutex> lock(roles_mu_);
       watcher_.stop();
       if (checker_) checker_->stop();
     }
-    if (thread_.joinable()) thread_.join();
   }
 
   const UpstreamConfig& config() const noexcept { return config_; }
@@ -374,8 +393,10 @@ public:
   }
 
 private:
-  Upstream(UpstreamConfig config, std::unique_ptr<Policy> policy, const Clock& clock)
-      : config_(std::move(config)), clock_(clock), policy_(std::move(policy)), tracker_(config_.health, clock),
+  Upstream(UpstreamConfig config, std::unique_ptr<Policy> policy, const Clock& clock,
+           std::shared_ptr<rt::Runtime> runtime)
+      : rt_(std::move(runtime)), config_(std::move(config)), clock_(clock), policy_(std::move(policy)),
+        tracker_(config_.health, clock),
         panic_all_(config_.health.panic.threshold_percent > 0 && config_.health.panic.mode == PanicOptions::Mode::all),
         tables_(empty_table()) {
     // The policy's per-peer stats are the ones inside the health state: a pick and its
@@ -392,12 +413,14 @@ private:
 
   // Starts watching the source and probing the peers: always without sharing, and in
   // the leading process with it. false (the error in lead_error_ and on_error_): the
-  // watcher could not start. Any thread but the rebuild thread; once at a time.
+  // watcher could not start. start()'s caller, or the runtime's worker when a shared
+  // follower takes over (never the loop: Watcher::start may wait on a first fetch);
+  // never inside a rebuild; once at a time.
   bool lead() {
     std::unique_ptr<ActiveChecker> checker;
     if (config_.health.active.kind != ActiveCheckOptions::Kind::none) {
       // Its eventfd or thread may fail (EMFILE, EAGAIN): an error to report, never an
-      // exception escaping the shared-mode thread that calls lead().
+      // exception escaping the runtime's task that calls lead() in shared mode.
       try {
         checker = std::make_unique<ActiveChecker>(config_.health.active, [this](const ProbeResult& r) {
           auto table = tables_.load();
@@ -424,12 +447,13 @@ private:
         publisher_, config_.source, config_.watch, [this](const Snapshot&) { wake(true); }, on_error_);
     if (!watcher) {
       Error e = watcher.error().with_context("upstream " + config_.name);
+      std::unique_ptr<ActiveChecker> unused;
       {
         std::lock_guard<std::mutex> lock(roles_mu_);
-        if (checker_) checker_->stop();
-        checker_.reset();
+        unused = std::move(checker_);
         lead_error_ = e;
       }
+      unused.reset(); // stopped outside roles_mu_, which the loop takes (leader_state)
       if (shared_ && on_error_) on_error_(e); // start() returns it otherwise
       return false;
     }
@@ -457,19 +481,54 @@ private:
     return made ? std::move(made).value() : set;
   }
 
-  // A new set (from the watcher) or a health change (from a report or a probe).
-  void wake(bool new_set) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      (new_set ? set_changed_ : health_changed_) = true;
-    }
-    cv_.notify_one();
+  // A new set (from the watcher) or a health change (from a report or a probe): flags
+  // it and posts one rebuild, unless one is queued already (it will see the flag).
+  void wake(bool new_set) noexcept {
+    std::lock_guard<std::mutex> lock(mu_);
+    (new_set ? set_changed_ : health_changed_) = true;
+    schedule_locked();
   }
 
-  // Builds and publishes the table for the current set and health. The rebuild thread
-  // (or refresh(), or start() before the thread exists): never two at once.
+  // Posts work() to the runtime's worker unless it is queued or the upstream stops.
+  // Without memory the flags stay set for the next wake-up, timer or refresh().
+  void schedule_locked() noexcept {
+    if (queued_ || stopping_) return;
+    try {
+      rt_->worker().post([gate = gate_, this] { gate->enter([this] { work(); }); });
+      queued_ = true;
+    } catch (...) {
+    }
+  }
+
+  // The worker's task: one rebuild for every change flagged since it was posted, then a
+  // sweep of the replaced tables (re-armed every sweep_period while some remain).
+  void work() {
+    bool build;
+    bool only_new_set;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queued_ = false;
+      if (stopping_) return;
+      build = set_changed_ || health_changed_ || due_;
+      only_new_set = !health_changed_ && !due_;
+      set_changed_ = false;
+      health_changed_ = false;
+      if (build && !only_new_set) {
+        due_ = false;
+        next_change_.reset(); // a skipped rebuild keeps the pending change
+      }
+    }
+    if (build) rebuild(only_new_set);
+    if (sweep()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      arm_sweep_locked();
+    }
+  }
+
+  // Builds and publishes the table for the current set and health. The runtime's worker
+  // (or refresh(), or push(), or start()): never two at once (build_mu_).
   // With `only_new_set`, nothing is built when the table already holds the current set
-  // (a push is built by push() and by the rebuild thread its publish woke: once is enough).
+  // (a push is built by push() and by the rebuild task its publish posted: once is enough).
   void rebuild(bool only_new_set = false) {
     std::lock_guard<std::mutex> build_lock(build_mu_);
     Snapshot set = publisher_.current();
@@ -495,9 +554,61 @@ private:
     tables_.store(std::move(t));
     // Selections may still point into the previous table: keep it until they end.
     retired_.push_back(std::move(previous));
-    sweep_locked();
+    const bool retiring = sweep_locked();
     std::lock_guard<std::mutex> lock(mu_);
     next_change_ = next;
+    arm_due_locked();
+    if (retiring) arm_sweep_locked();
+  }
+
+  // Keeps one loop timer at next_change_ (slow start steps, fail_timeout and ejection
+  // ends), re-armed only when next_change_ moved. Under mu_.
+  void arm_due_locked() noexcept {
+    if (stopping_) return;
+    if (next_change_ == armed_for_ && (due_timer_ != 0 || !next_change_)) return;
+    cancel_timer_locked(due_timer_);
+    armed_for_.reset();
+    if (!next_change_) return;
+    // The health clock may not be the steady clock: wait the difference in real time.
+    const auto in = std::max(*next_change_ - clock_.now(), Clock::duration::zero());
+    const std::uint64_t generation = ++due_generation_;
+    try {
+      due_timer_ = rt_->loop().after(in, [gate = gate_, this, generation] {
+        gate->enter([&] {
+          std::lock_guard<std::mutex> lock(mu_);
+          if (generation != due_generation_) return; // re-armed since (cancel raced)
+          due_timer_ = 0;
+          armed_for_.reset();
+          due_ = true;
+          schedule_locked();
+        });
+      });
+      armed_for_ = next_change_;
+    } catch (...) {
+      // Without memory for a timer the change waits for the next rebuild.
+    }
+  }
+
+  // While replaced tables remain, a sweep every sweep_period frees the unleased ones.
+  void arm_sweep_locked() noexcept {
+    if (stopping_ || sweep_timer_ != 0) return;
+    try {
+      sweep_timer_ = rt_->loop().after(sweep_period, [gate = gate_, this] {
+        gate->enter([&] {
+          std::lock_guard<std::mutex> lock(mu_);
+          sweep_timer_ = 0;
+          schedule_locked(); // work() sweeps
+        });
+      });
+    } catch (...) {
+    }
+  }
+
+  // Cancels a loop timer; one that runs at this moment finds its generation or the
+  // gate closed. Under mu_.
+  void cancel_timer_locked(rt::TimerId& id) noexcept {
+    if (id != 0) rt_->loop().cancel(id);
+    id = 0;
   }
 
   // Frees the replaced tables no selection leases any more; true when some remain.
@@ -526,37 +637,10 @@ private:
     return !retired_.empty();
   }
 
-  void run() {
-    using steady = std::chrono::steady_clock;
-    constexpr auto sweep_period = std::chrono::milliseconds(250);
-    std::unique_lock<std::mutex> lock(mu_);
-    while (!stopping_) {
-      lock.unlock();
-      const bool retiring = sweep();
-      lock.lock();
-      auto ready = [&] { return stopping_ || set_changed_ || health_changed_; };
-      // The health clock may not be the steady clock: wait the difference in real time.
-      std::optional<steady::time_point> change_at;
-      if (next_change_) change_at = steady::now() + std::max(*next_change_ - clock_.now(), Clock::duration::zero());
-      std::optional<steady::time_point> wake_at = change_at;
-      if (retiring && (!wake_at || *wake_at > steady::now() + sweep_period)) wake_at = steady::now() + sweep_period;
-      if (wake_at)
-        cv_.wait_until(lock, *wake_at, ready);
-      else
-        cv_.wait(lock, ready);
-      if (stopping_) break;
-      const bool due = change_at && steady::now() >= *change_at;
-      if (!set_changed_ && !health_changed_ && !due) continue; // a sweep
-      const bool only_new_set = !health_changed_ && !due;
-      set_changed_ = false;
-      health_changed_ = false;
-      if (!only_new_set) next_change_.reset(); // a skipped rebuild keeps the pending change
-      lock.unlock();
-      rebuild(only_new_set);
-      lock.lock();
-    }
-  }
+  static constexpr std::chrono::milliseconds sweep_period{250};
 
+  // Declared first: destroyed last, after everything that may post to it.
+  std::shared_ptr<rt::Runtime> rt_;
   const UpstreamConfig config_;
   const Clock& clock_;
   Publisher publisher_;
@@ -566,20 +650,29 @@ private:
   detail::RcuCell<detail::UpstreamTable> tables_;
   ErrorCallback on_error_;
   std::unique_ptr<detail::SharedMember> shared_; // set in start(), then read-only
-  mutable std::mutex roles_mu_;                  // guards the three below: lead() runs late in a follower
+  // Guards the three below: lead() runs late in a follower. The loop takes it (a shared
+  // leader's leader_state hook), so nothing done under it may wait on the loop.
+  mutable std::mutex roles_mu_;
   std::unique_ptr<ActiveChecker> checker_;
   Watcher watcher_;
   std::optional<Error> lead_error_;
 
   mutable std::mutex build_mu_; // one rebuild at a time; guards retired_
   std::vector<std::shared_ptr<const detail::UpstreamTable>> retired_;
-  std::mutex mu_;       // guards the fields below
-  std::condition_variable cv_;
+
+  // What the runtime's tasks and timers of this upstream may touch: stop() closes it.
+  std::shared_ptr<detail::TaskGate> gate_ = std::make_shared<detail::TaskGate>();
+  std::mutex mu_; // guards the fields below
   bool stopping_ = false;
   bool set_changed_ = false;
   bool health_changed_ = false;
+  bool due_ = false;    ///< the due timer fired: next_change_ has come
+  bool queued_ = false; ///< a work() task waits in the worker's queue
   std::optional<Clock::time_point> next_change_;
-  std::thread thread_;
+  std::optional<Clock::time_point> armed_for_; ///< the next_change_ due_timer_ waits for
+  rt::TimerId due_timer_ = 0;
+  std::uint64_t due_generation_ = 0;
+  rt::TimerId sweep_timer_ = 0;
 };
 
 DYNUP_NAMESPACE_END

@@ -564,7 +564,31 @@ TEST_CASE("upstream status: a set never loaded is not ready and stale, and says 
 
 TEST_CASE("upstream: active checks that cannot start (no descriptor left) are start()'s error, not an exception") {
   // In a child: lowering its descriptor limit below what it holds makes the checker's
-  // eventfd fail with EMFILE, which used to throw out of lead().
+  // eventfd fail with EMFILE, which used to throw out of lead(). The child holds the
+  // process runtime first, so that its descriptors are already open.
+  const pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    auto runtime = dynup::rt::Runtime::acquire();
+    if (!runtime) ::_exit(5);
+    const int lowest_free = ::dup(0);
+    if (lowest_free >= 0) ::close(lowest_free);
+    const rlimit none{static_cast<rlim_t>(lowest_free), static_cast<rlim_t>(lowest_free)};
+    if (lowest_free < 0 || ::setrlimit(RLIMIT_NOFILE, &none) != 0) ::_exit(2);
+    try {
+      auto up = Upstream::start(json{{"name", "api"}, {"source", "push://"}, {"health", {{"active", {{"type", "tcp"}}}}}});
+      ::_exit(!up.ok() && contains(up.error().message(), "active checks could not start") ? 0 : 3);
+    } catch (...) {
+      ::_exit(4);
+    }
+  }
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+}
+
+TEST_CASE("upstream: a process runtime that cannot start (no descriptor left) is start()'s error, not an exception") {
   const pid_t child = ::fork();
   REQUIRE(child >= 0);
   if (child == 0) {
@@ -573,8 +597,8 @@ TEST_CASE("upstream: active checks that cannot start (no descriptor left) are st
     const rlimit none{static_cast<rlim_t>(lowest_free), static_cast<rlim_t>(lowest_free)};
     if (lowest_free < 0 || ::setrlimit(RLIMIT_NOFILE, &none) != 0) ::_exit(2);
     try {
-      auto up = Upstream::start(json{{"name", "api"}, {"source", "push://"}, {"health", {{"active", {{"type", "tcp"}}}}}});
-      ::_exit(!up.ok() && contains(up.error().message(), "active checks could not start") ? 0 : 3);
+      auto up = Upstream::start(json{{"name", "api"}, {"source", "push://"}});
+      ::_exit(!up.ok() && up.error().code() == dynup::Errc::io_error && contains(up.error().message(), "runtime") ? 0 : 3);
     } catch (...) {
       ::_exit(4);
     }
