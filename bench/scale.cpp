@@ -5,7 +5,8 @@
 // upstream of every worker has its peers, one change until routed (p50, p99), and every
 // service changed at once until every worker applied it.
 //
-// Run: build/<dir>/bench/dynup_scale [--n 1,100,1000] [--changes 20] [--module PATH]
+// Run: build/<dir>/bench/dynup_scale [--n 1,100,1000] [--changes 20] [--module PATH] [--label TEXT] [--cap 200]
+// (--module: another build's ngx_http_upstream_dynup_module.so, to compare side by side)
 // Loopback only; nginx and the double are stopped by PID. Timings are printed, never
 // checked.
 #include <support/consul_double.hpp>
@@ -99,11 +100,11 @@ template <class PortOf> bool all_serve(dynup_test::ModuleNginx& ngx, std::size_t
   return true;
 }
 
-Row measure(std::size_t n, std::size_t changes) {
+Row measure(std::size_t n, std::size_t changes, std::size_t cap) {
   Row row;
   row.n = n;
   ConsulDouble consul;
-  consul.set_max_conns_per_client(200);
+  consul.set_max_conns_per_client(cap);
   dynup_test::ModuleNginxOptions o;
   o.backends = 3;
   o.workers = 2;
@@ -184,6 +185,8 @@ Row measure(std::size_t n, std::size_t changes) {
 int main(int argc, char** argv) {
   std::vector<std::size_t> ns{1, 100, 1000};
   std::size_t changes = 20;
+  std::string label = "dynup";
+  std::size_t cap = 200;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -196,17 +199,25 @@ int main(int argc, char** argv) {
       for (std::string part; std::getline(ss, part, ',');) ns.push_back(std::stoul(part));
     } else if (a == "--changes") {
       changes = std::stoul(next());
+    } else if (a == "--module") {
+      ::setenv("DYNUP_NGINX_MODULE_FILE", next().c_str(), 1); // another build's module, side by side
+    } else if (a == "--cap") {
+      cap = std::stoul(next()); // the double's connections per client; 0: none
+    } else if (a == "--label") {
+      label = next();
     } else {
-      std::cerr << "usage: dynup_scale [--n 1,100,1000] [--changes 20]\n";
+      std::cerr << "usage: dynup_scale [--n 1,100,1000] [--changes 20] [--module PATH] [--label TEXT] [--cap 200]\n";
       return 2;
     }
   }
   try {
+    std::printf("%s, module %s, registry cap %zu connections per client\n\n", label.c_str(),
+                dynup_test::nginx_module_file().c_str(), cap);
     std::printf("| upstreams | threads per worker | fds per worker | RSS per worker (MiB) | registry connections "
                 "(open / peak) | 429s | start → all have peers (ms) | one change → routed p50 / p99 (ms) | all "
                 "changed → applied (ms) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
     for (std::size_t n : ns) {
-      Row r = measure(n, changes);
+      Row r = measure(n, changes, cap);
       std::printf("| %zu | %s | %s | %s | %zu / %zu | %zu | %.0f | %.1f / %.1f | %.0f |\n", r.n, r.threads.c_str(),
                   r.fds.c_str(), r.rss.c_str(), r.conns_open, r.conns_peak, r.refused, r.start_ms, r.change_p50,
                   r.change_p99, r.all_ms);

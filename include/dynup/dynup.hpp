@@ -6,11 +6,13 @@
 #include <dynup/result.hpp>
 #include <dynup/peer.hpp>
 #include <dynup/peer_set.hpp>
+#include <dynup/peer_stats.hpp>
 #include <dynup/peer_json.hpp>
 #include <dynup/publisher.hpp>
 #include <dynup/snapshot_file.hpp>
 #include <dynup/leader_lock.hpp>
 #include <dynup/shared_snapshot.hpp>
+#include <dynup/shared_member.hpp>
 #include <dynup/source/spec.hpp>
 #include <dynup/source/file.hpp>
 #include <dynup/source/consul.hpp>

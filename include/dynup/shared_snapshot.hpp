@@ -508,4 +508,18 @@ private:
   std::vector<std::string> companions_;
 };
 
+/// Cross-process sharing (the "shared" section): the processes of one host that run the
+/// same upstream elect one leader with a lock file; the leader watches the source, runs
+/// the active checks and writes each set into a shared-memory region; the others read
+/// it. See docs/SHARED.md.
+struct SharedConfig {
+  bool enabled = false;
+  std::string dir = "/dev/shm";                ///< where <name>.dynup and <name>.lock live
+  std::string name;                            ///< region name; empty: the upstream's name
+  std::size_t capacity = std::size_t{1} << 20; ///< bytes per buffer of encoded peers
+  std::chrono::milliseconds retry{250};        ///< how often a follower tries to lead
+  std::chrono::milliseconds poll{100};         ///< a follower's version check without picks
+  std::chrono::milliseconds first_wait{2000};  ///< a follower's wait for a first set at start
+};
+
 DYNUP_NAMESPACE_END

@@ -15,7 +15,7 @@
 #include <dynup/balance/policy.hpp>
 #include <dynup/detail/lease.hpp>
 #include <dynup/detail/rcu.hpp>
-#include <dynup/detail/shared_member.hpp>
+#include <dynup/shared_member.hpp>
 #include <dynup/detail/task_gate.hpp>
 #include <dynup/health/active.hpp>
 #include <dynup/health/clock.hpp>
@@ -305,7 +305,9 @@ public:
       j["watcher"] = {{"last_error", field("last_error", lw.is_object() ? "" : "no leading process")},
                       {"consecutive_failures", field("consecutive_failures", 0)},
                       {"backoff_ms", field("backoff_ms", 0)},
-                      {"publish_count", field("publish_count", 0)}};
+                      {"publish_count", field("publish_count", 0)},
+                      {"mode", field("mode", "")},
+                      {"mode_error", field("mode_error", "")}};
     } else {
       j["age_ms"] = ws.last_success ? ordered_json((now_ms - std::chrono::duration_cast<milliseconds>(
                                                                  ws.last_success->time_since_epoch()))
@@ -317,7 +319,9 @@ public:
       j["watcher"] = {{"last_error", ws.last_error},
                       {"consecutive_failures", ws.consecutive_failures},
                       {"backoff_ms", ws.current_backoff.count()},
-                      {"publish_count", ws.publish_count}};
+                      {"publish_count", ws.publish_count},
+                      {"mode", ws.mode},
+                      {"mode_error", ws.mode_error}};
     }
     j["panic"] = table->report.panic;
     if (table->report.panic) j["panic_reason"] = table->report.panic_reason;

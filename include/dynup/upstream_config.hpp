@@ -8,6 +8,7 @@
 #include <dynup/health/options.hpp>
 #include <dynup/health/options_json.hpp>
 #include <dynup/result.hpp>
+#include <dynup/shared_snapshot.hpp>
 #include <dynup/version.hpp>
 #include <dynup/watch/any.hpp>
 
@@ -36,20 +37,6 @@ inline constexpr const char* upstream_config_example = R"({
 })";
 
 /// One upstream, checked. A plain value.
-/// Cross-process sharing (the "shared" section): the processes of one host that run the
-/// same upstream elect one leader with a lock file; the leader watches the source, runs
-/// the active checks and writes each set into a shared-memory region; the others read
-/// it. See docs/SHARED.md.
-struct SharedConfig {
-  bool enabled = false;
-  std::string dir = "/dev/shm";                ///< where <name>.dynup and <name>.lock live
-  std::string name;                            ///< region name; empty: the upstream's name
-  std::size_t capacity = std::size_t{1} << 20; ///< bytes per buffer of encoded peers
-  std::chrono::milliseconds retry{250};        ///< how often a follower tries to lead
-  std::chrono::milliseconds poll{100};         ///< a follower's version check without picks
-  std::chrono::milliseconds first_wait{2000};  ///< a follower's wait for a first set at start
-};
-
 struct UpstreamConfig {
   std::string name;                      ///< [A-Za-z0-9_.-], 1..64 characters
   std::string source;                    ///< a spec Watcher::start accepts

@@ -17,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cstdlib>
 #include <filesystem>
 #include <functional>
 #include <map>
@@ -33,8 +34,12 @@
 
 namespace dynup_test {
 
-/// The module to load: what CMake built (DYNUP_NGINX_MODULE).
-inline std::string nginx_module_file() { return DYNUP_NGINX_MODULE; }
+/// The module to load: $DYNUP_NGINX_MODULE_FILE when set (a benchmark comparing two
+/// builds), else what CMake built (DYNUP_NGINX_MODULE).
+inline std::string nginx_module_file() {
+  if (const char* m = std::getenv("DYNUP_NGINX_MODULE_FILE"); m != nullptr && *m != '\0') return m;
+  return DYNUP_NGINX_MODULE;
+}
 
 /// Empty when nginx can load the native module, else why not and what to do about it.
 inline std::string module_nginx_missing_reason() {

@@ -2,7 +2,7 @@
 // the request path); Picker::pick is noexcept, allocation-free and lock-free.
 #pragma once
 
-#include <dynup/balance/stats.hpp>
+#include <dynup/peer_stats.hpp>
 #include <dynup/detail/hash.hpp>
 #include <dynup/health/view.hpp>
 #include <dynup/peer_set.hpp>

@@ -5,7 +5,7 @@
 // thread calls attach() and view() and sleeps until the report's next_change.
 #pragma once
 
-#include <dynup/balance/stats.hpp>
+#include <dynup/peer_stats.hpp>
 #include <dynup/health/clock.hpp>
 #include <dynup/health/options.hpp>
 #include <dynup/health/options_json.hpp>

@@ -15,7 +15,6 @@
 #include <dynup/result.hpp>
 #include <dynup/runtime/runtime.hpp>
 #include <dynup/shared_snapshot.hpp>
-#include <dynup/upstream_config.hpp>
 #include <dynup/version.hpp>
 
 #include <nlohmann/json.hpp>
