@@ -562,22 +562,35 @@ TEST_CASE("upstream status: a set never loaded is not ready and stale, and says 
   CHECK(st2["peers"].size() == 1);
 }
 
-TEST_CASE("upstream: active checks that cannot start (no descriptor left) are start()'s error, not an exception") {
-  // In a child: lowering its descriptor limit below what it holds makes the checker's
-  // eventfd fail with EMFILE, which used to throw out of lead(). The child holds the
-  // process runtime first, so that its descriptors are already open.
+namespace {
+
+// In a child whose descriptor limit leaves `free_fds` descriptors free: starts an
+// upstream with tcp checks on one peer and waits for its status to say `expect`.
+// Returns the child's exit status (0: said).
+int probe_failure_with(int free_fds, const char* expect) {
   const pid_t child = ::fork();
   REQUIRE(child >= 0);
   if (child == 0) {
-    auto runtime = dynup::rt::Runtime::acquire();
+    auto runtime = dynup::rt::Runtime::acquire(); // held first: its descriptors are open
     if (!runtime) ::_exit(5);
     const int lowest_free = ::dup(0);
     if (lowest_free >= 0) ::close(lowest_free);
-    const rlimit none{static_cast<rlim_t>(lowest_free), static_cast<rlim_t>(lowest_free)};
-    if (lowest_free < 0 || ::setrlimit(RLIMIT_NOFILE, &none) != 0) ::_exit(2);
+    const auto limit = static_cast<rlim_t>(lowest_free + free_fds);
+    const rlimit lim{limit, limit};
+    if (lowest_free < 0 || ::setrlimit(RLIMIT_NOFILE, &lim) != 0) ::_exit(2);
     try {
-      auto up = Upstream::start(json{{"name", "api"}, {"source", "push://"}, {"health", {{"active", {{"type", "tcp"}}}}}});
-      ::_exit(!up.ok() && contains(up.error().message(), "active checks could not start") ? 0 : 3);
+      auto up = Upstream::start(json{{"name", "api"},
+                                     {"source", "push://"},
+                                     {"guards", {{"allow_empty", true}}},
+                                     {"health", {{"active", {{"type", "tcp"}, {"interval_ms", 50}}}}}});
+      if (!up.ok()) ::_exit(3);
+      auto set = dynup::parse_peer_set(R"({"peers":[{"host":"127.0.0.1","port":1}]})");
+      if (!set || !(*up)->push(*set)) ::_exit(6);
+      for (int i = 0; i < 500; ++i) {
+        if (contains((*up)->status().dump(), expect)) ::_exit(0);
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+      ::_exit(7);
     } catch (...) {
       ::_exit(4);
     }
@@ -585,7 +598,20 @@ TEST_CASE("upstream: active checks that cannot start (no descriptor left) are st
   int status = 0;
   REQUIRE(::waitpid(child, &status, 0) == child);
   REQUIRE(WIFEXITED(status));
-  CHECK(WEXITSTATUS(status) == 0);
+  return WEXITSTATUS(status);
+}
+
+} // namespace
+
+TEST_CASE("upstream: active checks with no descriptor left start, and each probe says why it failed") {
+  // The checker needs no descriptor of its own (it runs on the runtime); a probe that
+  // cannot open a socket names the cause in the peer's status.
+  CHECK(probe_failure_with(0, "Too many open files") == 0);
+}
+
+TEST_CASE("upstream: a probe never takes one of the last descriptors the embedder needs to accept with") {
+  // With 8 free, a probe's socket would be among the last DYNUP_FD_RESERVE: closed at once.
+  CHECK(probe_failure_with(8, "descriptor reserve") == 0);
 }
 
 TEST_CASE("upstream: a process runtime that cannot start (no descriptor left) is start()'s error, not an exception") {

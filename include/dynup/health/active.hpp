@@ -15,6 +15,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -33,6 +34,11 @@
 #include <unordered_map>
 #include <utility>
 #include <vector>
+
+#ifndef DYNUP_FD_RESERVE
+// Descriptors a probe never takes, so the embedder can still accept connections.
+#define DYNUP_FD_RESERVE 64
+#endif
 
 #ifndef DYNUP_MAX_STATUS_LINE
 // An answer with no line end within this many bytes is not HTTP.
@@ -376,6 +382,17 @@ private:
     p.has_deadline = true;
     p.fd = ::socket(addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (p.fd < 0) return complete(p, false, "cannot create a socket: " + error_text(errno));
+    // The embedder (nginx) must keep descriptors to accept with: a probe never takes one
+    // of the last DYNUP_FD_RESERVE.
+    if (rlimit lim{}; ::getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur != RLIM_INFINITY &&
+                      static_cast<long long>(p.fd) >= static_cast<long long>(lim.rlim_cur) - DYNUP_FD_RESERVE) {
+      const std::string why = "descriptor reserve: fd " + std::to_string(p.fd) + " of limit " +
+                              std::to_string(lim.rlim_cur) + " leaves fewer than " +
+                              std::to_string(DYNUP_FD_RESERVE) + " free";
+      ::close(p.fd);
+      p.fd = -1;
+      return complete(p, false, "cannot create a socket: " + why);
+    }
     int one = 1;
     ::setsockopt(p.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     auto watched = loop_.watch(p.fd, EPOLLOUT, [w = weak_from_this(), serial = p.serial](std::uint32_t events) {
