@@ -140,8 +140,8 @@ TEST_CASE("consul shared: 1000 services behind a 200-connection cap all get peer
   CHECK(c.refused == 0);
   std::size_t direct = 0, shared = 0;
   for (auto& w : fleet.watchers) (w.status().mode == "direct" ? direct : shared) += 1;
-  CHECK(direct == 12); // the budget less the triggers' reserve
-  CHECK(shared == 988);
+  CHECK(direct == 8); // half the budget
+  CHECK(shared == 992);
 }
 
 TEST_CASE("consul shared: services past the budget follow registrations, checks and node checks") {

@@ -5,8 +5,9 @@
 // connection for up to `wait`. So each agent address gets a budget of connections per
 // process (DYNUP_CONSUL_CONNECTIONS, 16 by default, ConsulAgents::configure):
 //
-// - direct: while there is room (budget - 4 services), a service runs its own blocking
-//   query, exactly as Consul's docs describe (DESIGN.md, rules 1-14);
+// - direct: while there is room (half the budget, and 4 connections left for the rest),
+//   a service runs its own blocking query, exactly as Consul's docs describe (DESIGN.md,
+//   rules 1-14);
 // - shared: past that, the service blocks on nothing itself. The agent's triggers,
 //   blocking queries on cluster-wide indexes, return when anything of a kind changes:
 //   /v1/catalog/services (registrations), /v1/health/state/any filtered to the shared
@@ -59,8 +60,9 @@ class ConsulMember {
 public:
   virtual ~ConsulMember() = default;
   virtual const ConsulSource& source() const noexcept = 0;
-  /// A trigger says the service may have changed: read it again.
-  virtual void wake() = 0;
+  /// A trigger says the service may have changed: read it again. `urgent`: the trigger
+  /// named this service (its checks changed), so its read goes before the others.
+  virtual void wake(bool urgent) = 0;
   /// The trigger this service relies on failed: changes may go unseen until it recovers.
   virtual void trigger_failed(const Error& e) = 0;
   /// A connection is free for the read this service asked for (ConsulAgent::want_read).
@@ -129,9 +131,20 @@ public:
 
   /// Shared services read on the connections the direct services and the triggers
   /// leave over (at least one); a read past them waits its turn, in order.
-  void want_read(ConsulMember* m) {
-    read_queue_.push_back(m);
+  /// An urgent read (the trigger named the service) goes first.
+  void want_read(ConsulMember* m, bool urgent) {
+    if (urgent)
+      read_queue_.push_front(m);
+    else
+      read_queue_.push_back(m);
     pump();
+  }
+  /// `m`, already waiting for a read, goes to the front.
+  void hurry_read(ConsulMember* m) {
+    auto it = std::find(read_queue_.begin(), read_queue_.end(), m);
+    if (it == read_queue_.end() || it == read_queue_.begin()) return;
+    read_queue_.erase(it);
+    read_queue_.push_front(m);
   }
   /// The granted read ended (answered, failed or aborted).
   void read_done() {
@@ -154,7 +167,8 @@ public:
     }
     return n;
   }
-  unsigned direct_limit() const noexcept { return budget_ - reserve; }
+  /// Half the budget at most: the shared services' reads need connections too.
+  unsigned direct_limit() const noexcept { return std::min(budget_ - reserve, budget_ / 2); }
 
   /// Connections the triggers need at most: one per kind.
   static constexpr unsigned reserve = 4;
@@ -352,7 +366,7 @@ private:
     t.answered = true;
     if (!unchanged) {
       if (everyone || t.kind != consul_cluster::Trigger::checks) {
-        for (auto* m : members) m->wake();
+        for (auto* m : members) m->wake(false);
       } else {
         // Only services whose checks changed, or all when a node check changed.
         std::set<std::string> changed;
@@ -372,7 +386,10 @@ private:
         for (const auto& [name, d] : t.digests)
           if (a->digests.count(name) == 0) mark(name);
         for (auto* m : members)
-          if (node_changed || changed.count(m->source().name()) != 0) m->wake();
+          if (changed.count(m->source().name()) != 0)
+            m->wake(true);
+          else if (node_changed)
+            m->wake(false);
       }
     }
     if (t.kind == consul_cluster::Trigger::checks) {
@@ -511,11 +528,16 @@ public:
     });
   }
 
-  void wake() override {
+  void wake(bool urgent) override {
+    if (read_end_) {
+      // A read not yet sent will see this change: it only moves up when urgent.
+      if (urgent) agent_->hurry_read(this);
+      return;
+    }
     if (waiting_) {
       End end = std::move(waiting_);
       waiting_ = nullptr;
-      read(std::move(end));
+      read(std::move(end), urgent);
     } else {
       dirty_ = true;
     }
@@ -566,10 +588,10 @@ private:
 
   // Shared: a plain read of the whole state, when the agent grants a connection; the
   // publisher drops an unchanged set.
-  void read(End end) {
+  void read(End end, bool urgent = false) {
     dirty_ = false;
     read_end_ = std::move(end);
-    agent_->want_read(this);
+    agent_->want_read(this, urgent);
   }
 
   Result<Decoded> decode(const Result<HttpResponse>& res) {
