@@ -1,5 +1,6 @@
 #include <dynup/health/active.hpp>
 
+#include <support/threads.hpp>
 #include <support/peers.hpp>
 #include <support/wait.hpp>
 
@@ -32,6 +33,8 @@
 #include <vector>
 
 namespace {
+
+using dynup_test::thread_count;
 
 using dynup::ActiveChecker;
 using dynup::ActiveCheckOptions;
@@ -281,16 +284,6 @@ private:
   std::thread thread_;
 };
 
-// Threads of this process, as the kernel counts them.
-std::size_t thread_count() {
-  std::size_t n = 0;
-  DIR* d = ::opendir("/proc/self/task");
-  REQUIRE(d != nullptr);
-  while (dirent* e = ::readdir(d))
-    if (e->d_name[0] != '.') ++n;
-  ::closedir(d);
-  return n;
-}
 
 bool starts_with(const std::string& s, const std::string& prefix) { return s.compare(0, prefix.size(), prefix) == 0; }
 

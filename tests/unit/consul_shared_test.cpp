@@ -8,6 +8,7 @@
 #include <dynup/watch/consul_watch.hpp>
 
 #include <support/consul_double.hpp>
+#include <support/threads.hpp>
 #include <support/wait.hpp>
 
 #include <doctest/doctest.h>
@@ -52,21 +53,6 @@ dynup::AnyWatchOptions fast() {
   return o;
 }
 
-// Threads of this process, the protocol double's own left out.
-std::size_t threads_now() {
-  std::size_t n = 0;
-  if (DIR* d = ::opendir("/proc/self/task")) {
-    while (auto* e = ::readdir(d)) {
-      if (e->d_name[0] == '.') continue;
-      std::ifstream comm(std::string("/proc/self/task/") + e->d_name + "/comm");
-      std::string name;
-      std::getline(comm, name);
-      if (name != "consul-double") ++n;
-    }
-    ::closedir(d);
-  }
-  return n;
-}
 
 // N services watched in one process, each with its own publisher.
 struct Fleet {
@@ -115,10 +101,10 @@ TEST_CASE("consul shared: 1000 services behind a 200-connection cap all get peer
   d.set_services(all);
 
   Fleet fleet(16);
-  const std::size_t threads_before = threads_now();
+  const std::size_t threads_before = dynup_test::thread_count("consul-double");
   for (std::size_t i = 0; i < 1000; ++i) fleet.watch(d, "/health/" + name(i));
   for (std::size_t i = 0; i < 1000; ++i) REQUIRE_MESSAGE(fleet.ports(i) == 2, name(i));
-  CHECK(threads_now() == threads_before); // the runtime's threads, whatever N
+  CHECK(dynup_test::thread_count("consul-double") == threads_before); // the runtime's threads, whatever N
 
   // A change to any one of them is published, and only there.
   auto changed = two(50000);

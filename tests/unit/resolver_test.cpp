@@ -2,6 +2,8 @@
 
 #include <support/wait.hpp>
 
+#include <support/threads.hpp>
+
 #include <doctest/doctest.h>
 
 #include <arpa/inet.h>
@@ -24,15 +26,6 @@ using dynup_test::wait_until;
 
 namespace {
 
-std::size_t threads_now() {
-  std::size_t n = 0;
-  DIR* d = ::opendir("/proc/self/task");
-  REQUIRE(d != nullptr);
-  while (dirent* e = ::readdir(d))
-    if (e->d_name[0] != '.') ++n;
-  ::closedir(d);
-  return n;
-}
 
 std::uint16_t port_of(const Resolved& r) {
   if (r.addr.ss_family == AF_INET) return ntohs(reinterpret_cast<const sockaddr_in*>(&r.addr)->sin_port);
@@ -81,14 +74,14 @@ TEST_CASE("resolver: an unresolvable name gives the resolver's reason") {
 
 TEST_CASE("resolver: no thread before the first lookup, at most DYNUP_RESOLVER_THREADS after many") {
   auto rt = Runtime::acquire().value();
-  const std::size_t before = threads_now();
+  const std::size_t before = dynup_test::thread_count();
   Resolver& resolver = rt->service<Resolver>();
-  CHECK(threads_now() == before);
+  CHECK(dynup_test::thread_count() == before);
   std::atomic<int> answered{0};
   for (int i = 0; i < 50; ++i) resolver.resolve("localhost", 80, [&](Resolved) { ++answered; });
-  CHECK(threads_now() <= before + DYNUP_RESOLVER_THREADS);
+  CHECK(dynup_test::thread_count() <= before + DYNUP_RESOLVER_THREADS);
   REQUIRE(wait_until([&] { return answered == 50; }));
-  CHECK(threads_now() <= before + DYNUP_RESOLVER_THREADS);
+  CHECK(dynup_test::thread_count() <= before + DYNUP_RESOLVER_THREADS);
 }
 
 TEST_CASE("resolver: once the runtime has ended, queued lookups are never answered") {

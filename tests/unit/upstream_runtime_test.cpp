@@ -5,6 +5,7 @@
 #include <dynup/peer_json.hpp>
 #include <dynup/upstream.hpp>
 
+#include <support/threads.hpp>
 #include <support/temp_dir.hpp>
 #include <support/wait.hpp>
 
@@ -32,16 +33,6 @@ using namespace std::chrono_literals;
 
 namespace {
 
-// The process's threads: the entries of /proc/self/task.
-std::set<long> threads_now() {
-  std::set<long> out;
-  DIR* d = ::opendir("/proc/self/task");
-  REQUIRE(d != nullptr);
-  while (dirent* e = ::readdir(d))
-    if (e->d_name[0] != '.') out.insert(std::stol(e->d_name));
-  ::closedir(d);
-  return out;
-}
 
 // Threads in `now` that `before` did not have.
 std::set<long> new_threads(const std::set<long>& before, const std::set<long>& now) {
@@ -118,14 +109,14 @@ TEST_CASE("runtime: 200 upstreams in one process run the runtime's threads and n
   // A sanitizer starts a thread of its own with the process's first other thread: let
   // that happen before counting.
   std::thread([] {}).join();
-  const auto before = threads_now();
+  const auto before = dynup_test::thread_ids();
   std::vector<std::unique_ptr<Upstream>> ups;
   ups.push_back(start(push_config(0)));
-  const auto with_one = threads_now();
+  const auto with_one = dynup_test::thread_ids();
   CHECK(new_threads(before, with_one).size() <= static_cast<std::size_t>(dynup::rt::Runtime::threads));
   for (int i = 1; i < 200; ++i) ups.push_back(start(push_config(i)));
   for (auto& up : ups) REQUIRE(up->push(peers({"10.0.0.1:80"})).ok()); // rebuilds and posts work
-  const auto with_200 = threads_now();
+  const auto with_200 = dynup_test::thread_ids();
   MESSAGE("threads: " << before.size() << " before, " << with_one.size() << " with 1 upstream, " << with_200.size()
                       << " with 200");
   CHECK(new_threads(with_one, with_200).empty());
@@ -137,7 +128,7 @@ TEST_CASE("runtime: each of 200 upstreams rebuilds on a set change, a health cha
   const json passive = {{"passive", {{"max_fails", 1}, {"fail_timeout_ms", 300}}}};
   std::vector<std::unique_ptr<Upstream>> ups;
   for (int i = 0; i < 200; ++i) ups.push_back(start(push_config(i, passive), clock));
-  const auto with_200 = threads_now();
+  const auto with_200 = dynup_test::thread_ids();
 
   for (auto& up : ups) REQUIRE(up->push(peers({"10.0.0.1:80", "10.0.0.2:80"})).ok());
   for (auto& up : ups) CHECK(routed(*up) == std::vector<std::string>{"10.0.0.1:80", "10.0.0.2:80"});
@@ -153,7 +144,7 @@ TEST_CASE("runtime: each of 200 upstreams rebuilds on a set change, a health cha
   clock.advance(301ms);
   for (auto& up : ups) CHECK(wait_until([&] { return available(*up, "10.0.0.1:80"); }, 10000ms));
   for (std::size_t i = 0; i < ups.size(); ++i) CHECK(ups[i]->status()["tables_built"].get<std::uint64_t>() > built[i]);
-  CHECK(new_threads(with_200, threads_now()).empty());
+  CHECK(new_threads(with_200, dynup_test::thread_ids()).empty());
 }
 
 TEST_CASE("runtime: shared members following one region in one process run no thread of their own and follow it") {
@@ -166,7 +157,7 @@ TEST_CASE("runtime: shared members following one region in one process run no th
   const json config = {{"name", "api"}, {"source", "file://" + file}, {"shared", shared}};
   auto leader = start(config);
   REQUIRE(leader->status()["shared"]["role"] == "leader");
-  const auto with_leader = threads_now();
+  const auto with_leader = dynup_test::thread_ids();
 
   std::vector<std::unique_ptr<Upstream>> followers;
   for (int i = 0; i < 16; ++i) followers.push_back(start(config));
@@ -174,7 +165,7 @@ TEST_CASE("runtime: shared members following one region in one process run no th
     CHECK(f->status()["shared"]["role"] == "follower");
     CHECK(routed(*f) == std::vector<std::string>{"10.0.0.1:80"}); // adopted in start()
   }
-  CHECK(new_threads(with_leader, threads_now()).empty());
+  CHECK(new_threads(with_leader, dynup_test::thread_ids()).empty());
 
   // A new set reaches every follower without a pick (the poll timer) and is rebuilt
   // there (the adopt posts a rebuild to the worker).
@@ -192,7 +183,7 @@ TEST_CASE("runtime: shared members following one region in one process run no th
           return moved;
         },
         10000ms));
-  CHECK(new_threads(with_leader, threads_now()).empty());
+  CHECK(new_threads(with_leader, dynup_test::thread_ids()).empty());
 
   // The leader goes: one follower takes the lock on its timer and leads (its watcher
   // starts on the worker). The file watcher's own thread moves to it (watchers are not
@@ -211,7 +202,7 @@ TEST_CASE("runtime: shared members following one region in one process run no th
   write_peers({"10.0.0.4:80"});
   for (auto& f : followers)
     CHECK(wait_until([&] { return routed(*f) == std::vector<std::string>{"10.0.0.4:80"}; }, 10000ms));
-  CHECK(threads_now().size() <= with_leader.size());
+  CHECK(dynup_test::thread_ids().size() <= with_leader.size());
 }
 
 TEST_CASE("runtime: no rebuild or timer of an upstream runs after it is destroyed") {
