@@ -19,7 +19,7 @@
 #include <cstring>
 #include <deque>
 #include <functional>
-#include <future>
+#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -135,17 +135,30 @@ public:
       t();
       return;
     }
-    auto done = std::make_shared<std::promise<void>>();
-    auto fut = done->get_future();
-    post([&t, done] {
+    // The caller's stack holds the state, and the loop touches it last under the lock:
+    // an exception thrown on the loop is freed on the caller's thread, after the
+    // handover (no std::promise, whose shared state the loop might drop last).
+    struct Sync {
+      std::mutex mu;
+      std::condition_variable cv;
+      bool done = false;
+      std::exception_ptr error;
+    } sync;
+    post([&t, s = &sync] {
+      std::exception_ptr error;
       try {
         t();
-        done->set_value();
       } catch (...) {
-        done->set_exception(std::current_exception());
+        error = std::current_exception();
       }
+      std::lock_guard<std::mutex> lock(s->mu);
+      s->error = std::move(error);
+      s->done = true;
+      s->cv.notify_one();
     });
-    fut.get();
+    std::unique_lock<std::mutex> lock(sync.mu);
+    sync.cv.wait(lock, [&] { return sync.done; });
+    if (sync.error) std::rethrow_exception(std::move(sync.error));
   }
 
   using FdCallback = std::function<void(std::uint32_t events)>;
