@@ -231,9 +231,10 @@ private:
       std::lock_guard<std::mutex> written_lock(written_mu_);
       written_.reset();
     }
-    leader_.store(true, std::memory_order_release);
+    // The leader file first: once role() says "leader", status() names this process.
     written_state_.reset();
     share_state();
+    leader_.store(true, std::memory_order_release);
     return true;
   }
 
