@@ -4,6 +4,7 @@
 // upstream, the connections stay within the runtime's budget, and a graceful stop ends.
 #include <support/consul_double.hpp>
 #include <support/module_nginx.hpp>
+#include <support/process.hpp>
 #include <support/text.hpp>
 #include <support/wait.hpp>
 
@@ -13,7 +14,6 @@
 #include <unistd.h>
 
 #include <chrono>
-#include <fstream>
 #include <map>
 #include <string>
 #include <vector>
@@ -27,15 +27,6 @@ using dynup_test::ModuleNginxOptions;
 using dynup_test::WorkerNginx;
 using dynup_test::WorkerNginxLayout;
 using namespace std::chrono_literals;
-
-// Whether `pid` has exited (gone, or a zombie its parent has not reaped yet).
-bool gone(pid_t pid) {
-  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
-  std::string line;
-  if (!std::getline(stat, line)) return true;
-  auto close = line.rfind(')');
-  return close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'Z';
-}
 
 std::vector<ConsulInstance> at_port(std::uint16_t port) {
   ConsulInstance in;
@@ -105,6 +96,6 @@ TEST_CASE("nginx module: 300 consul upstreams in 2 workers under worker_rlimit_n
   const pid_t master = ngx.master_pid();
   REQUIRE(master > 0);
   ::kill(master, SIGQUIT);
-  CHECK_MESSAGE(dynup_test::wait_until([&] { return gone(master); }, 20s),
+  CHECK_MESSAGE(dynup_test::wait_until([&] { return dynup_test::process_gone(master); }, 20s),
                 "nginx did not stop gracefully\n" << ngx.error_log());
 }

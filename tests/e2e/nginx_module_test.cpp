@@ -377,15 +377,6 @@ private:
   std::uint16_t port_ = 0;
 };
 
-// Whether `pid` has exited (gone, or a zombie its parent has not reaped yet).
-bool exited(pid_t pid) {
-  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
-  std::string line;
-  if (!std::getline(stat, line)) return true;
-  auto close = line.rfind(')');
-  return close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'Z';
-}
-
 TEST_CASE("nginx module: a registry that never answers holds up neither the workers' start nor a graceful stop") {
   require_module_nginx();
   HungRegistry registry;
@@ -408,7 +399,7 @@ TEST_CASE("nginx module: a registry that never answers holds up neither the work
   const pid_t master = ngx.master_pid();
   REQUIRE(master > 0);
   ::kill(master, SIGQUIT); // nginx -s quit
-  CHECK_MESSAGE(dynup_test::wait_until([&] { return exited(master); }, 10000ms),
+  CHECK_MESSAGE(dynup_test::wait_until([&] { return dynup_test::process_gone(master); }, 10000ms),
                 "nginx did not stop on QUIT while its registry hangs\n" << ngx.error_log());
 }
 

@@ -13,6 +13,7 @@
 
 #include <cerrno>
 #include <chrono>
+#include <fstream>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -23,6 +24,16 @@
 extern char** environ;
 
 namespace dynup_test {
+
+/// Whether `pid` has exited: gone, or a zombie its parent (not this process) has not
+/// reaped yet.
+inline bool process_gone(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(stat, line)) return true;
+  auto close = line.rfind(')');
+  return close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'Z';
+}
 
 /// How a child ended.
 struct ExitStatus {

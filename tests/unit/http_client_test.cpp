@@ -86,6 +86,15 @@ private:
   bool open_ = false;
 };
 
+// GET /hold sets `held`, then answers "late" once `release` opens.
+void serve_held(TestServer& server, Gate& release, std::atomic<bool>& held) {
+  server->Get("/hold", [&release, &held](const httplib::Request&, httplib::Response& res) {
+    held = true;
+    release.wait();
+    res.set_content("late", "text/plain");
+  });
+}
+
 // The runtime of the test, with its HTTP client; calls go through the loop's thread.
 struct Client {
   std::shared_ptr<dynup::rt::Runtime> rt = dynup::rt::Runtime::acquire().value();
@@ -283,11 +292,7 @@ TEST_CASE("http client: cancel ends a call the server holds, and its done never 
   TestServer server;
   Gate release;
   std::atomic<bool> held{false};
-  server->Get("/hold", [&](const httplib::Request&, httplib::Response& res) {
-    held = true;
-    release.wait();
-    res.set_content("late", "text/plain");
-  });
+  serve_held(server, release, held);
   auto to = server.start();
   Client c;
   dynup::rt::CallId id = 0;
@@ -608,11 +613,7 @@ TEST_CASE("http client: ending the runtime aborts calls in flight without runnin
   TestServer server;
   Gate release;
   std::atomic<bool> held{false};
-  server->Get("/hold", [&](const httplib::Request&, httplib::Response& res) {
-    held = true;
-    release.wait();
-    res.set_content("late", "text/plain");
-  });
+  serve_held(server, release, held);
   auto to = server.start();
   std::shared_ptr<Client::Outcome> out;
   {

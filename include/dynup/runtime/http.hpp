@@ -40,6 +40,13 @@ struct HttpEndpoint {
   std::string host;
   std::uint16_t port = 0;
   bool tls = false;
+
+  /// "host:port" ("[v6]:port"), with "+tls" for https: one key per server a
+  /// per-address registry (Consul agents, etcd hubs) keeps state for.
+  std::string key() const {
+    bool v6 = host.find(':') != std::string::npos && host.front() != '[';
+    return (v6 ? "[" + host + "]" : host) + ":" + std::to_string(port) + (tls ? "+tls" : "");
+  }
 };
 
 /// Limits of the process's HTTP client; HttpClient::configure() changes them.

@@ -445,7 +445,7 @@ public:
 
   /// The agent at `endpoint`, made on first use. Loop thread.
   detail::ConsulAgent& at(const rt::HttpEndpoint& endpoint) {
-    auto& slot = agents_[endpoint.host + ":" + std::to_string(endpoint.port) + (endpoint.tls ? "+tls" : "")];
+    auto& slot = agents_[endpoint.key()];
     if (!slot) slot = std::make_unique<detail::ConsulAgent>(runtime_.loop(), http_, endpoint, budget());
     return *slot;
   }
@@ -479,6 +479,7 @@ public:
   void begin(WatcherCore& core, End end) override {
     core_ = &core;
     if (!joined_) {
+      http_ = &runtime_->service<rt::HttpClient>();
       agent_ = &runtime_->service<ConsulAgents>().at(endpoint_);
       direct_ = agent_->join(this);
       joined_ = true;
@@ -494,7 +495,7 @@ public:
   }
 
   void abort() noexcept override {
-    if (call_ != 0) http().cancel(call_);
+    if (call_ != 0) http_->cancel(call_);
     call_ = 0;
     waiting_ = nullptr;
     if (joined_ && agent_) {
@@ -514,7 +515,7 @@ public:
     HttpRequest req = source_.request(0, wait());
     req.read_timeout = consul_plain_timeout;
     if (tap_) tap_(req);
-    call_ = http().send(endpoint_, req, [this, end = std::move(end)](Result<HttpResponse> res) {
+    call_ = http_->send(endpoint_, req, [this, end = std::move(end)](Result<HttpResponse> res) {
       call_ = 0;
       reading_ = false;
       agent_->read_done();
@@ -553,8 +554,6 @@ public:
   }
 
 private:
-  rt::HttpClient& http() { return runtime_->service<rt::HttpClient>(); }
-
   std::chrono::milliseconds wait() const {
     return core_->options().wait.count() > 0 ? core_->options().wait : WatchOptions{}.wait;
   }
@@ -565,7 +564,7 @@ private:
     HttpRequest req = source_.request(index_, w);
     req.read_timeout = index_ == 0 ? consul_plain_timeout : w + w / 16 + consul_read_margin;
     if (tap_) tap_(req);
-    call_ = http().send(endpoint_, req, [this, end = std::move(end)](Result<HttpResponse> res) {
+    call_ = http_->send(endpoint_, req, [this, end = std::move(end)](Result<HttpResponse> res) {
       call_ = 0;
       auto decoded = decode(res);
       if (!decoded) return end(RoundEnd::failed(decoded.error()));
@@ -607,6 +606,7 @@ private:
   RequestTap tap_;
   rt::HttpEndpoint endpoint_;
   WatcherCore* core_ = nullptr;
+  rt::HttpClient* http_ = nullptr; // the runtime's, from the first round on
   ConsulAgent* agent_ = nullptr;
   bool joined_ = false;
   bool direct_ = false;

@@ -41,8 +41,8 @@ public:
   virtual const EtcdSource& source() const noexcept = 0;
   /// One response of the stream (events for any key, or progress).
   virtual void on_response(const EtcdWatchResponse& r) = 0;
-  /// The stream is open (etcd confirmed the watch) at `revision`.
-  virtual void on_open(std::int64_t revision) = 0;
+  /// The stream is open: etcd confirmed the watch.
+  virtual void on_open() = 0;
   /// The stream ended: every source ranges again. `why` is empty for a compaction
   /// (routine, not an error).
   virtual void on_lost(const std::optional<Error>& why) = 0;
@@ -61,8 +61,7 @@ public:
 /// quiet for `wait` + margin is reopened from the last revision seen.
 class EtcdHub {
 public:
-  EtcdHub(rt::Loop& loop, rt::HttpClient& http, rt::HttpEndpoint endpoint)
-      : loop_(loop), http_(http), endpoint_(std::move(endpoint)) {}
+  EtcdHub(rt::HttpClient& http, rt::HttpEndpoint endpoint) : http_(http), endpoint_(std::move(endpoint)) {}
   ~EtcdHub() { close(); }
   EtcdHub(const EtcdHub&) = delete;
   EtcdHub& operator=(const EtcdHub&) = delete;
@@ -78,9 +77,8 @@ public:
     if (members_.empty()) close();
   }
 
-  /// `m` ranged at `revision`: true when the stream covers every later revision.
-  bool ranged(EtcdMember* m, std::int64_t revision) {
-    (void)m;
+  /// A source ranged at `revision`: true when the stream covers every later revision.
+  bool ranged(std::int64_t revision) {
     if (!open_) {
       reopen(revision + 1);
       return true;
@@ -119,9 +117,7 @@ private:
 
   void close() {
     if (call_ != 0) http_.cancel(call_);
-    loop_.cancel(timer_);
     call_ = 0;
-    timer_ = 0;
     open_ = false;
   }
 
@@ -189,7 +185,7 @@ private:
       if (r.is_progress()) seen_ = std::max(seen_, r.revision);
       if (r.created) {
         created_ = true;
-        each([&](EtcdMember* m) { m->on_open(seen_); });
+        each([](EtcdMember* m) { m->on_open(); });
         continue;
       }
       each([&](EtcdMember* m) { m->on_response(r); });
@@ -233,7 +229,6 @@ private:
            std::to_string(members_.size()) + " sources)";
   }
 
-  rt::Loop& loop_;
   rt::HttpClient& http_;
   const rt::HttpEndpoint endpoint_;
   std::set<EtcdMember*> members_;
@@ -243,7 +238,6 @@ private:
   std::int64_t seen_ = 0;  ///< every revision up to here was delivered
   std::string key_;        ///< the stream's prefix
   rt::CallId call_ = 0;
-  rt::TimerId timer_ = 0;
   EtcdWatchStream parser_;
   bool created_ = false;
   std::optional<std::optional<Error>> ended_; // set: the stream was ended by what it said
@@ -257,16 +251,15 @@ private:
 /// The etcd hubs of a process, one per address: a runtime service, loop thread only.
 class EtcdHubs {
 public:
-  explicit EtcdHubs(rt::Runtime& runtime) : runtime_(runtime), http_(runtime.service<rt::HttpClient>()) {}
+  explicit EtcdHubs(rt::Runtime& runtime) : http_(runtime.service<rt::HttpClient>()) {}
 
   detail::EtcdHub& at(const rt::HttpEndpoint& endpoint) {
-    auto& slot = hubs_[endpoint.host + ":" + std::to_string(endpoint.port) + (endpoint.tls ? "+tls" : "")];
-    if (!slot) slot = std::make_unique<detail::EtcdHub>(runtime_.loop(), http_, endpoint);
+    auto& slot = hubs_[endpoint.key()];
+    if (!slot) slot = std::make_unique<detail::EtcdHub>(http_, endpoint);
     return *slot;
   }
 
 private:
-  rt::Runtime& runtime_;
   rt::HttpClient& http_;
   std::map<std::string, std::unique_ptr<detail::EtcdHub>> hubs_;
 };
@@ -299,6 +292,7 @@ public:
   void begin(WatcherCore& core, End end) override {
     core_ = &core;
     if (!hub_) {
+      http_ = &runtime_->service<rt::HttpClient>();
       hub_ = &runtime_->service<EtcdHubs>().at(endpoint_);
       const auto w = core.options().wait.count() > 0 ? core.options().wait : WatchOptions{}.wait;
       hub_->join(this, w);
@@ -311,7 +305,7 @@ public:
   }
 
   void abort() noexcept override {
-    if (call_ != 0) runtime_->service<rt::HttpClient>().cancel(call_);
+    if (call_ != 0) http_->cancel(call_);
     call_ = 0;
     waiting_ = nullptr;
     if (hub_) hub_->leave(this);
@@ -326,8 +320,7 @@ public:
     take(r);
   }
 
-  void on_open(std::int64_t revision) override {
-    (void)revision;
+  void on_open() override {
     if (live_) core_->succeeded(static_cast<std::uint64_t>(state_.revision));
   }
 
@@ -391,14 +384,14 @@ private:
     if (tap_) tap_(req);
     ranging_ = true;
     buffered_.clear();
-    call_ = runtime_->service<rt::HttpClient>().send(endpoint_, req, [this, end = std::move(end)](Result<HttpResponse> res) {
+    call_ = http_->send(endpoint_, req, [this, end = std::move(end)](Result<HttpResponse> res) {
       call_ = 0;
       ranging_ = false;
       if (!res) return fail(end, res.error().with_context(source_.describe()));
       auto decoded = EtcdSource::decode_range(res->status, res->body);
       if (!decoded) return fail(end, decoded.error().with_context(source_.describe()));
       report_skipped(source_.load(state_, *decoded));
-      if (!hub_->ranged(this, state_.revision)) {
+      if (!hub_->ranged(state_.revision)) {
         buffered_.clear();
         return end(RoundEnd::again()); // older than the open stream: range again
       }
@@ -423,6 +416,7 @@ private:
   rt::HttpEndpoint endpoint_;
   RequestTap tap_;
   WatcherCore* core_ = nullptr;
+  rt::HttpClient* http_ = nullptr; // the runtime's, from the first round on
   EtcdHub* hub_ = nullptr;
   EtcdState state_;
   bool need_range_ = true;
